@@ -1,0 +1,137 @@
+"""Command-line flags (each also readable from a MESH_-prefixed environment variable)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from sidecar.static_config import split_host_port
+from sidecar.xds_translate import ConfigError
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    service: str
+    app: str | None = None
+    config_file: str | None = None
+    outbound: str = "127.0.0.1:15001"
+    inbound: str = "0.0.0.0:15006"
+    admin: str = "127.0.0.1:15000"
+    upstreams: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    routes: dict[str, str] = field(default_factory=dict)
+    unary_methods: tuple[str, ...] = ()
+    learn_method_shapes: bool = True
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    drain_timeout: float = 10.0
+    ready_file: str | None = None
+    log_level: str = "INFO"
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"MESH_{name}", default)
+
+
+def _env_list(name: str) -> list[str]:
+    value = os.environ.get(f"MESH_{name}", "")
+    return value.split() if value else []
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mesh-sidecar",
+        description="gRPC sidecar proxy: the app sends its outbound calls to --outbound; other "
+                    "sidecars reach the app through --inbound. Every flag can also be set with "
+                    "an environment variable named MESH_<FLAG> (e.g. MESH_APP=127.0.0.1:8080); "
+                    "repeatable flags take a space-separated list there.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--service", default=_env("SERVICE"),
+                   help="mesh service name of the local app (env MESH_SERVICE); required")
+    p.add_argument("--app", default=_env("APP"),
+                   help="HOST:PORT of the local app, where inbound calls are forwarded")
+    p.add_argument("--config", default=_env("CONFIG"),
+                   help="static config: Envoy-style static_resources (listeners with an "
+                        "http_connection_manager, clusters) as JSON or YAML")
+    p.add_argument("--outbound", default=_env("OUTBOUND", "127.0.0.1:15001"),
+                   help="listener the app sends its outbound gRPC calls to (plaintext)")
+    p.add_argument("--inbound", default=_env("INBOUND", "0.0.0.0:15006"),
+                   help="listener other sidecars connect to; forwards to --app")
+    p.add_argument("--admin", default=_env("ADMIN", "127.0.0.1:15000"),
+                   help="admin HTTP: /ready, /config_dump, /clusters")
+    p.add_argument("--upstream", action="append", default=_env_list("UPSTREAM"),
+                   metavar="SERVICE=ADDR[,ADDR...]",
+                   help="instances of a mesh service (their inbound sidecars); repeatable")
+    p.add_argument("--route", action="append", default=_env_list("ROUTE"),
+                   metavar="GRPC_SERVICE=SERVICE",
+                   help="send calls for a gRPC service (e.g. shop.Catalog, or * for any other) "
+                        "to a mesh service; repeatable")
+    p.add_argument("--unary-method", action="append", default=_env_list("UNARY_METHOD"),
+                   metavar="/pkg.Service/Method",
+                   help="a method known to be unary (takes the cheaper unary proxy path); "
+                        "repeatable")
+    p.add_argument("--no-learn-method-shapes", action="store_true",
+                   default=_env("NO_LEARN_METHOD_SHAPES") == "1",
+                   help="do not ask upstreams' reflection service which methods are unary")
+    p.add_argument("--max-message-bytes", type=int,
+                   default=int(_env("MAX_MESSAGE_BYTES", str(DEFAULT_MAX_MESSAGE_BYTES)) or 0),
+                   help="largest message accepted or sent, either direction; larger ones get "
+                        "RESOURCE_EXHAUSTED")
+    p.add_argument("--drain-timeout", type=float, default=float(_env("DRAIN_TIMEOUT", "10") or 0),
+                   help="seconds calls in flight get to finish after SIGTERM")
+    p.add_argument("--ready-file", default=_env("READY_FILE"),
+                   help="write the bound addresses as JSON to this file once listening")
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"),
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def parse(argv: Sequence[str] | None = None) -> Settings:
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        return _settings(args)
+    except ConfigError as exc:
+        p.error(str(exc))
+        raise  # unreachable: error() exits
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    if not args.service:
+        raise ConfigError("--service (or MESH_SERVICE) is required")
+    for flag in ("outbound", "inbound", "admin"):
+        split_host_port(getattr(args, flag))
+    if args.app:
+        split_host_port(args.app)
+    upstreams: dict[str, tuple[str, ...]] = {}
+    for item in args.upstream:
+        name, sep, addresses = item.partition("=")
+        if not sep or not name or not addresses:
+            raise ConfigError(f"--upstream {item!r}: expected SERVICE=ADDR[,ADDR...]")
+        addrs = tuple(a for a in addresses.split(",") if a)
+        for a in addrs:
+            split_host_port(a)
+        upstreams[name] = upstreams.get(name, ()) + addrs
+    routes: dict[str, str] = {}
+    for item in args.route:
+        grpc_service, sep, target = item.partition("=")
+        if not sep or not grpc_service or not target:
+            raise ConfigError(f"--route {item!r}: expected GRPC_SERVICE=SERVICE")
+        if target not in upstreams and not args.config:
+            raise ConfigError(f"--route {item!r}: no --upstream named {target!r}")
+        routes[grpc_service] = target
+    for m in args.unary_method:
+        if not (m.startswith("/") and m.count("/") == 2):
+            raise ConfigError(f"--unary-method {m!r}: expected /pkg.Service/Method")
+    if args.max_message_bytes <= 0:
+        raise ConfigError("--max-message-bytes must be positive")
+    if args.drain_timeout < 0:
+        raise ConfigError("--drain-timeout must not be negative")
+    return Settings(service=args.service, app=args.app, config_file=args.config,
+                    outbound=args.outbound, inbound=args.inbound, admin=args.admin,
+                    upstreams=upstreams, routes=routes, unary_methods=tuple(args.unary_method),
+                    learn_method_shapes=not args.no_learn_method_shapes,
+                    max_message_bytes=args.max_message_bytes, drain_timeout=args.drain_timeout,
+                    ready_file=args.ready_file, log_level=args.log_level)

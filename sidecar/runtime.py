@@ -1,0 +1,159 @@
+"""The running sidecar: listeners, the current data plane, admin, and an orderly drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from sidecar import static_config
+from sidecar.admin_http import AdminServer, Response
+from sidecar.config import Settings
+from sidecar.dataplane import DataPlane
+from sidecar.method_shapes import MethodShapes
+from sidecar.model import Direction, Snapshot
+from sidecar.proxy import ProxyHandler
+from sidecar.static_config import XdsResources, split_host_port
+from sidecar.upstream.pool import ChannelPool
+from sidecar.xds_translate import compile_snapshot
+
+log = logging.getLogger(__name__)
+
+
+class Sidecar:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._limit_options = [
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+        ]
+        self.pool = ChannelPool(self._limit_options)
+        self.shapes = MethodShapes(settings.unary_methods, learn=settings.learn_method_shapes)
+        self._plane: DataPlane | None = None
+        self._resources = XdsResources()
+        self._servers: dict[Direction, grpc.aio.Server] = {}
+        self._admin = AdminServer({"/ready": self._ready, "/config_dump": self._config_dump,
+                                   "/clusters": self._clusters})
+        self.addresses: dict[str, str] = {}
+        self.draining = False
+        self._applied_at = 0.0
+
+    # --- config -------------------------------------------------------------------------
+    def plane(self) -> DataPlane:
+        assert self._plane is not None
+        return self._plane
+
+    def apply(self, version: str, resources: XdsResources) -> Snapshot:
+        """Compile and swap in a new config; raises ConfigError and keeps the old one if bad."""
+        snapshot = compile_snapshot(version, resources.listeners, resources.route_configs,
+                                    resources.clusters, resources.load_assignments)
+        self._plane = DataPlane(snapshot, self.pool, self.settings.service)
+        self._resources = resources
+        self._applied_at = time.time()
+        self.pool.retain(self._plane.addresses())
+        log.info("config version %r active: %d clusters", version, len(snapshot.clusters))
+        return snapshot
+
+    def _initial_resources(self) -> XdsResources:
+        s = self.settings
+        flags = static_config.from_flags(s.service, s.app, s.upstreams, s.routes)
+        if s.config_file:
+            return static_config.merge(static_config.load_file(s.config_file), flags)
+        return flags
+
+    # --- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        self.apply("static-1", self._initial_resources())
+        server_options = [("grpc.so_reuseport", 0), *self._limit_options]
+        for direction, address in ((Direction.OUTBOUND, self.settings.outbound),
+                                   (Direction.INBOUND, self.settings.inbound)):
+            server = grpc.aio.server(options=server_options)
+            server.add_generic_rpc_handlers(
+                (ProxyHandler(direction, self.settings.service, self.plane, self.shapes),))
+            port = server.add_insecure_port(address)
+            if port == 0:
+                raise OSError(f"cannot listen on {address} ({direction.value})")
+            await server.start()
+            self._servers[direction] = server
+            self.addresses[direction.value] = _with_port(address, port)
+        host, port = split_host_port(self.settings.admin)
+        admin_port = await self._admin.start(host, port)
+        self.addresses["admin"] = _with_port(self.settings.admin, admin_port)
+        if self.settings.ready_file:
+            _write_atomically(self.settings.ready_file, json.dumps(self.addresses))
+        log.info("sidecar %r listening: %s", self.settings.service, self.addresses)
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop accepting calls, give calls in flight `timeout` seconds, then close."""
+        self.draining = True
+        grace = self.settings.drain_timeout if timeout is None else timeout
+        await asyncio.gather(*(s.stop(grace) for s in self._servers.values()))
+        await self.shapes.close()
+        await self.pool.close(0)
+        await self._admin.close()
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(*(s.wait_for_termination() for s in self._servers.values()))
+
+    # --- admin --------------------------------------------------------------------------
+    def _ready(self, _query: str) -> Response:
+        if self.draining:
+            return Response(503, b"draining\n")
+        if self._plane is None:
+            return Response(503, b"no config yet\n")
+        return Response(200, b"ready\n")
+
+    def _config_dump(self, _query: str) -> Response:
+        snapshot = self.plane().snapshot
+        dump: dict[str, Any] = {
+            "version": snapshot.version,
+            "applied_at": self._applied_at,
+            "service": self.settings.service,
+            "limits": {"max_message_bytes": self.settings.max_message_bytes,
+                       "drain_timeout_s": self.settings.drain_timeout},
+            "unary_methods": sorted(self.shapes.unary),
+            "listeners": [_to_json(x) for x in self._resources.listeners],
+            "route_configs": [_to_json(x) for x in self._resources.route_configs.values()],
+            "clusters": [_to_json(x) for x in self._resources.clusters],
+            "load_assignments": [_to_json(x) for x in self._resources.load_assignments.values()],
+        }
+        return _json_response(dump)
+
+    def _clusters(self, _query: str) -> Response:
+        snapshot = self.plane().snapshot
+        return _json_response({
+            name: {"lb_policy": c.lb_policy.value,
+                   "endpoints": [{"address": e.address, "weight": e.weight, "zone": e.zone}
+                                 for e in c.endpoints]}
+            for name, c in snapshot.clusters.items()})
+
+
+def _to_json(message: Any) -> Any:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def _json_response(doc: Any) -> Response:
+    return Response(200, json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n",
+                    "application/json")
+
+
+def _with_port(address: str, port: int) -> str:
+    host, _ = split_host_port(address)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _write_atomically(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".ready-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

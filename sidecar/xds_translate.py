@@ -1,0 +1,226 @@
+"""Compile xDS v3 resources (Listener, RouteConfiguration, Cluster, ClusterLoadAssignment) into
+the sidecar's frozen model.
+
+This is the one place that reads xDS. Whatever the source (a static file, command-line flags,
+ADS), resources pass through `compile_snapshot`, which either returns a complete Snapshot or
+raises ConfigError naming the resource and field at fault, so a bad update can be NACKed whole.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2, health_check_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+
+from sidecar.model import (
+    Cluster,
+    Direction,
+    Endpoint,
+    HeaderMatch,
+    HeaderMatchKind,
+    LbPolicy,
+    PathMatch,
+    Route,
+    RouteTable,
+    Snapshot,
+    WeightedCluster,
+)
+
+HCM_TYPE_URL = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager."
+                "v3.HttpConnectionManager")
+_SUPPORTED_LB = {cluster_pb2.Cluster.ROUND_ROBIN: LbPolicy.ROUND_ROBIN}
+
+
+class ConfigError(ValueError):
+    """An xDS resource the sidecar cannot apply; the message names the resource and field."""
+
+
+def compile_snapshot(version: str,
+                     listeners: Iterable[listener_pb2.Listener],
+                     route_configs: Mapping[str, route_pb2.RouteConfiguration],
+                     clusters: Iterable[cluster_pb2.Cluster],
+                     load_assignments: Mapping[str, endpoint_pb2.ClusterLoadAssignment],
+                     ) -> Snapshot:
+    tables: dict[Direction, RouteTable] = {}
+    for listener in listeners:
+        direction = _direction(listener)
+        if direction in tables:
+            raise ConfigError(f"listener {listener.name!r}: a second {direction.value} listener")
+        tables[direction] = _route_table(listener, route_configs)
+
+    compiled: dict[str, Cluster] = {}
+    for cluster in clusters:
+        if cluster.name in compiled:
+            raise ConfigError(f"cluster {cluster.name!r}: duplicate name")
+        compiled[cluster.name] = _cluster(cluster, load_assignments)
+
+    for table in tables.values():
+        for route in table.routes:
+            for wc in route.clusters:
+                if wc.name not in compiled:
+                    raise ConfigError(f"route {route.name!r} in {table.name!r}: "
+                                      f"unknown cluster {wc.name!r}")
+    empty = RouteTable("none", ())
+    return Snapshot(version=version,
+                    outbound=tables.get(Direction.OUTBOUND, empty),
+                    inbound=tables.get(Direction.INBOUND, empty),
+                    clusters=compiled)
+
+
+def _direction(listener: listener_pb2.Listener) -> Direction:
+    if listener.traffic_direction == base_pb2.OUTBOUND:
+        return Direction.OUTBOUND
+    if listener.traffic_direction == base_pb2.INBOUND:
+        return Direction.INBOUND
+    for direction in Direction:
+        if direction.value in listener.name.lower():
+            return direction
+    raise ConfigError(f"listener {listener.name!r}: traffic_direction is unset and the name "
+                      "says neither 'inbound' nor 'outbound'")
+
+
+def _route_table(listener: listener_pb2.Listener,
+                 route_configs: Mapping[str, route_pb2.RouteConfiguration]) -> RouteTable:
+    where = f"listener {listener.name!r}"
+    hcm = _http_connection_manager(listener)
+    if hcm.HasField("route_config"):
+        rc = hcm.route_config
+    elif hcm.HasField("rds"):
+        name = hcm.rds.route_config_name
+        if name not in route_configs:
+            raise ConfigError(f"{where}: route configuration {name!r} is not known")
+        rc = route_configs[name]
+    else:
+        raise ConfigError(f"{where}: http_connection_manager has neither route_config nor rds")
+    routes: list[Route] = []
+    for vh_index, vhost in enumerate(rc.virtual_hosts):
+        for r_index, route in enumerate(vhost.routes):
+            path = f"{where} route_config {rc.name!r} virtual_hosts[{vh_index}].routes[{r_index}]"
+            routes.append(_route(route, path))
+    return RouteTable(name=rc.name or listener.name, routes=tuple(routes))
+
+
+def _http_connection_manager(listener: listener_pb2.Listener) -> hcm_pb2.HttpConnectionManager:
+    if listener.HasField("api_listener"):
+        candidates = [listener.api_listener.api_listener]
+    else:
+        candidates = [f.typed_config for chain in listener.filter_chains for f in chain.filters]
+    for any_msg in candidates:
+        if any_msg.type_url == HCM_TYPE_URL:
+            hcm = hcm_pb2.HttpConnectionManager()
+            any_msg.Unpack(hcm)
+            return hcm
+    raise ConfigError(f"listener {listener.name!r}: no http_connection_manager filter")
+
+
+def _route(route: route_components_pb2.Route, where: str) -> Route:
+    match = route.match
+    spec = match.WhichOneof("path_specifier")
+    if spec == "prefix":
+        path = PathMatch(prefix=match.prefix)
+    elif spec == "path":
+        path = PathMatch(exact=match.path)
+    elif spec == "safe_regex":
+        path = PathMatch(regex=_regex(match.safe_regex.regex, f"{where}.match.safe_regex"))
+    elif spec is None:
+        path = PathMatch(prefix="")
+    else:
+        raise ConfigError(f"{where}.match: path specifier {spec!r} is not supported")
+    headers = tuple(_header_match(h, f"{where}.match.headers[{i}]")
+                    for i, h in enumerate(match.headers))
+
+    if route.WhichOneof("action") != "route":
+        raise ConfigError(f"{where}: only 'route' actions are supported")
+    action = route.route
+    which = action.WhichOneof("cluster_specifier")
+    if which == "cluster":
+        clusters: tuple[WeightedCluster, ...] = (WeightedCluster(action.cluster, 1),)
+    elif which == "weighted_clusters":
+        clusters = tuple(WeightedCluster(c.name, c.weight.value)
+                         for c in action.weighted_clusters.clusters)
+        if not clusters or sum(c.weight for c in clusters) <= 0:
+            raise ConfigError(f"{where}.route.weighted_clusters: total weight must be > 0")
+    else:
+        raise ConfigError(f"{where}.route: needs cluster or weighted_clusters")
+    timeout = None
+    if action.HasField("timeout"):
+        seconds = action.timeout.ToTimedelta().total_seconds()
+        timeout = seconds if seconds > 0 else None  # Envoy: 0 disables the route timeout
+    return Route(name=route.name or where, path=path, headers=headers, clusters=clusters,
+                 timeout=timeout)
+
+
+def _header_match(h: route_components_pb2.HeaderMatcher, where: str) -> HeaderMatch:
+    name = h.name.lower()
+    which = h.WhichOneof("header_match_specifier")
+    if which == "string_match":
+        sm = h.string_match
+        kind_name = sm.WhichOneof("match_pattern")
+        if kind_name == "safe_regex":
+            return HeaderMatch(name, HeaderMatchKind.REGEX, sm.safe_regex.regex, h.invert_match,
+                               _regex(sm.safe_regex.regex, f"{where}.string_match.safe_regex"))
+        kinds = {"exact": HeaderMatchKind.EXACT, "prefix": HeaderMatchKind.PREFIX,
+                 "suffix": HeaderMatchKind.SUFFIX, "contains": HeaderMatchKind.CONTAINS}
+        if kind_name not in kinds:
+            raise ConfigError(f"{where}.string_match: {kind_name!r} is not supported")
+        return HeaderMatch(name, kinds[kind_name], getattr(sm, kind_name), h.invert_match)
+    if which == "exact_match":
+        return HeaderMatch(name, HeaderMatchKind.EXACT, h.exact_match, h.invert_match)
+    if which == "prefix_match":
+        return HeaderMatch(name, HeaderMatchKind.PREFIX, h.prefix_match, h.invert_match)
+    if which == "suffix_match":
+        return HeaderMatch(name, HeaderMatchKind.SUFFIX, h.suffix_match, h.invert_match)
+    if which == "safe_regex_match":
+        return HeaderMatch(name, HeaderMatchKind.REGEX, h.safe_regex_match.regex, h.invert_match,
+                           _regex(h.safe_regex_match.regex, f"{where}.safe_regex_match"))
+    if which == "present_match":
+        # present_match: false means "must be absent"
+        return HeaderMatch(name, HeaderMatchKind.PRESENT, "",
+                           h.invert_match != (not h.present_match))
+    raise ConfigError(f"{where}: header match {which!r} is not supported")
+
+
+def _regex(pattern: str, where: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"{where}: invalid regex {pattern!r}: {exc}") from None
+
+
+def _cluster(cluster: cluster_pb2.Cluster,
+             load_assignments: Mapping[str, endpoint_pb2.ClusterLoadAssignment]) -> Cluster:
+    where = f"cluster {cluster.name!r}"
+    if not cluster.name:
+        raise ConfigError("cluster: name is required")
+    if cluster.lb_policy not in _SUPPORTED_LB:
+        policy = cluster_pb2.Cluster.LbPolicy.Name(cluster.lb_policy)
+        raise ConfigError(f"{where}.lb_policy: {policy} is not supported")
+    if cluster.HasField("load_assignment"):
+        cla = cluster.load_assignment
+    else:
+        service_name = cluster.eds_cluster_config.service_name or cluster.name
+        cla = load_assignments.get(service_name, endpoint_pb2.ClusterLoadAssignment())
+    endpoints: list[Endpoint] = []
+    for li, locality in enumerate(cla.endpoints):
+        zone = locality.locality.zone
+        for ei, lb_endpoint in enumerate(locality.lb_endpoints):
+            if lb_endpoint.health_status in (health_check_pb2.UNHEALTHY,
+                                             health_check_pb2.DRAINING):
+                continue
+            sock = lb_endpoint.endpoint.address.socket_address
+            if not sock.address or not sock.port_value:
+                raise ConfigError(f"{where}.load_assignment.endpoints[{li}]"
+                                  f".lb_endpoints[{ei}]: address and port_value are required")
+            host = f"[{sock.address}]" if ":" in sock.address else sock.address
+            weight = lb_endpoint.load_balancing_weight.value or 1
+            endpoints.append(Endpoint(f"{host}:{sock.port_value}", weight, zone))
+    return Cluster(name=cluster.name, endpoints=tuple(endpoints),
+                   lb_policy=_SUPPORTED_LB[cluster.lb_policy])
