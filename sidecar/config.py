@@ -25,6 +25,7 @@ class Settings:
     routes: dict[str, str] = field(default_factory=dict)
     unary_methods: tuple[str, ...] = ()
     learn_method_shapes: bool = True
+    minimal_stack: bool = True
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     drain_timeout: float = 10.0
     ready_file: str | None = None
@@ -75,6 +76,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-learn-method-shapes", action="store_true",
                    default=_env("NO_LEARN_METHOD_SHAPES") == "1",
                    help="do not ask upstreams' reflection service which methods are unary")
+    p.add_argument("--no-minimal-stack", action="store_true",
+                   default=_env("NO_MINIMAL_STACK") == "1",
+                   help="run grpc-core's full filter stack on both listeners and upstream "
+                        "channels (by default the sidecar uses grpc.minimal_stack, which is "
+                        "cheaper per call, and enforces message sizes itself)")
     p.add_argument("--max-message-bytes", type=int,
                    default=int(_env("MAX_MESSAGE_BYTES", str(DEFAULT_MAX_MESSAGE_BYTES)) or 0),
                    help="largest message accepted or sent, either direction; larger ones get "
@@ -133,5 +139,6 @@ def _settings(args: argparse.Namespace) -> Settings:
                     outbound=args.outbound, inbound=args.inbound, admin=args.admin,
                     upstreams=upstreams, routes=routes, unary_methods=tuple(args.unary_method),
                     learn_method_shapes=not args.no_learn_method_shapes,
+                    minimal_stack=not args.no_minimal_stack,
                     max_message_bytes=args.max_message_bytes, drain_timeout=args.drain_timeout,
                     ready_file=args.ready_file, log_level=args.log_level)

@@ -41,8 +41,10 @@ class ProxyHandler(grpc.GenericRpcHandler):
     """The catch-all generic handler of one listener."""
 
     def __init__(self, direction: Direction, sidecar_name: str,
-                 plane: Callable[[], DataPlane], shapes: MethodShapes) -> None:
+                 plane: Callable[[], DataPlane], shapes: MethodShapes,
+                 max_message_bytes: int) -> None:
         self._direction = direction
+        self._max_bytes = max_message_bytes
         self._name = sidecar_name
         self._plane = plane
         self._shapes = shapes
@@ -80,19 +82,23 @@ class ProxyHandler(grpc.GenericRpcHandler):
             return self._describe(upstream, cluster, details)
         return details
 
+    def _too_large(self, what: str, size: int) -> str:
+        return (f"mesh sidecar {self._name!r} ({self._direction.value}): {what} message of "
+                f"{size} bytes exceeds max_message_bytes {self._max_bytes}")
+
     async def _stream_call(self, method: str, service: str, _requests: Any,
                            context: grpc.aio.ServicerContext) -> None:
-        plane = self._plane()
-        target = plane.resolve(self._direction, method, context.invocation_metadata())
+        metadata = context.invocation_metadata()
+        target = self._plane().resolve(self._direction, method, metadata)
         if isinstance(target, Refusal):
             await context.abort(target.code, target.message)
         if self._shapes.should_ask(service):
             self._shapes.learn_from(service, target.upstream.channel)
-        timeout = _timeout(context, target.route.timeout)
         call = target.upstream.stream(method)(
-            timeout=timeout, metadata=forwardable(context.invocation_metadata()))
-        pump = asyncio.get_running_loop().create_task(_pump_requests(context, call))
+            timeout=_timeout(context, target.route.timeout), metadata=forwardable(metadata))
+        pump = asyncio.get_running_loop().create_task(self._pump_requests(context, call))
         headers_sent = False
+        refusal: str | None = None
         try:
             try:
                 initial = await call.initial_metadata()
@@ -103,10 +109,21 @@ class ProxyHandler(grpc.GenericRpcHandler):
                     message = await call.read()
                     if message is EOF:
                         break
+                    if len(message) > self._max_bytes:
+                        refusal = self._too_large("response", len(message))
+                        break
                     headers_sent = True
                     await context.write(message)
             except AioRpcError:
                 pass  # the status below says what happened
+            except asyncio.CancelledError:
+                if not (pump.done() and pump.result()):
+                    raise  # the caller went away (not the pump cancelling the upstream)
+            refusal = refusal or (pump.result() if pump.done() else None)
+            if refusal is not None:
+                context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+                context.set_details(refusal)
+                return
             code = await call.code()
             trailing = await call.trailing_metadata()
             if trailing:
@@ -123,16 +140,32 @@ class ProxyHandler(grpc.GenericRpcHandler):
             if not pump.done():
                 pump.cancel()
 
+    async def _pump_requests(self, context: grpc.aio.ServicerContext, call: Any) -> str | None:
+        """Copy request messages upstream, then half-close; say why if a message is refused."""
+        with contextlib.suppress(Exception):  # upstream ended or caller left: the status tells
+            while True:
+                message = await context.read()
+                if message is EOF:
+                    break
+                if len(message) > self._max_bytes:
+                    call.cancel()
+                    return self._too_large("request", len(message))
+                await call.write(message)
+            await call.done_writing()
+        return None
+
     async def _unary_call(self, method: str, request: bytes,
                           context: grpc.aio.ServicerContext) -> bytes | None:
-        plane = self._plane()
+        if len(request) > self._max_bytes:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                self._too_large("request", len(request)))
         metadata = context.invocation_metadata()
-        target = plane.resolve(self._direction, method, metadata)
+        target = self._plane().resolve(self._direction, method, metadata)
         if isinstance(target, Refusal):
             await context.abort(target.code, target.message)
-        timeout = _timeout(context, target.route.timeout)
-        call = target.upstream.unary(method)(request, timeout=timeout,
-                                             metadata=forwardable(metadata))
+        call = target.upstream.unary(method)(
+            request, timeout=_timeout(context, target.route.timeout),
+            metadata=forwardable(metadata))
         try:
             response = await call
         except AioRpcError as err:
@@ -146,6 +179,9 @@ class ProxyHandler(grpc.GenericRpcHandler):
         finally:
             if not call.done():
                 call.cancel()
+        if len(response) > self._max_bytes:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                self._too_large("response", len(response)))
         initial = await call.initial_metadata()
         if initial:
             await context.send_initial_metadata(forwardable(initial))
@@ -160,14 +196,3 @@ def _timeout(context: grpc.aio.ServicerContext, route_timeout: float | None) -> 
     if route_timeout is not None and (remaining is None or route_timeout < remaining):
         return route_timeout
     return remaining
-
-
-async def _pump_requests(context: grpc.aio.ServicerContext, call: Any) -> None:
-    """Copy request messages upstream, then half-close."""
-    with contextlib.suppress(Exception):  # upstream ended or caller left: the status tells
-        while True:
-            message = await context.read()
-            if message is EOF:
-                break
-            await call.write(message)
-        await call.done_writing()

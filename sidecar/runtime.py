@@ -34,6 +34,10 @@ class Sidecar:
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
         ]
+        if settings.minimal_stack:
+            # Drops grpc-core filters a pass-through hop does not need; message sizes are then
+            # enforced by the proxy itself (proxy.py), deadlines and compression still work.
+            self._limit_options.append(("grpc.minimal_stack", 1))
         self.pool = ChannelPool(self._limit_options)
         self.shapes = MethodShapes(settings.unary_methods, learn=settings.learn_method_shapes)
         self._plane: DataPlane | None = None
@@ -76,7 +80,8 @@ class Sidecar:
                                    (Direction.INBOUND, self.settings.inbound)):
             server = grpc.aio.server(options=server_options)
             server.add_generic_rpc_handlers(
-                (ProxyHandler(direction, self.settings.service, self.plane, self.shapes),))
+                (ProxyHandler(direction, self.settings.service, self.plane, self.shapes,
+                              self.settings.max_message_bytes),))
             port = server.add_insecure_port(address)
             if port == 0:
                 raise OSError(f"cannot listen on {address} ({direction.value})")
@@ -117,6 +122,7 @@ class Sidecar:
             "applied_at": self._applied_at,
             "service": self.settings.service,
             "limits": {"max_message_bytes": self.settings.max_message_bytes,
+                       "grpc_minimal_stack": self.settings.minimal_stack,
                        "drain_timeout_s": self.settings.drain_timeout},
             "unary_methods": sorted(self.shapes.unary),
             "listeners": [_to_json(x) for x in self._resources.listeners],
