@@ -81,7 +81,7 @@ class MethodShapes:
 def unary_methods_of(service: str,
                      files: Iterable[descriptor_pb2.FileDescriptorProto]) -> list[str]:
     """The "/pkg.Service/Method" paths of `service`'s unary methods found in `files`."""
-    found = []
+    found: list[str] = []
     for fd in files:
         for svc in fd.service:
             full = f"{fd.package}.{svc.name}" if fd.package else svc.name

@@ -91,7 +91,8 @@ class ProxyHandler(grpc.GenericRpcHandler):
         metadata = context.invocation_metadata()
         target = self._plane().resolve(self._direction, method, metadata)
         if isinstance(target, Refusal):
-            await context.abort(target.code, target.message)
+            await context.abort(target.code, target.message)  # raises
+            return
         if self._shapes.should_ask(service):
             self._shapes.learn_from(service, target.upstream.channel)
         call = target.upstream.stream(method)(
@@ -162,7 +163,8 @@ class ProxyHandler(grpc.GenericRpcHandler):
         metadata = context.invocation_metadata()
         target = self._plane().resolve(self._direction, method, metadata)
         if isinstance(target, Refusal):
-            await context.abort(target.code, target.message)
+            await context.abort(target.code, target.message)  # raises
+            return None
         call = target.upstream.unary(method)(
             request, timeout=_timeout(context, target.route.timeout),
             metadata=forwardable(metadata))
