@@ -1,0 +1,258 @@
+"""`make demo`: the shop, one sidecar per instance, and a load generator showing live progress.
+
+    python -m demo_services.run [--duration S] [--rps N] [--payments-fail-rate F] ...
+
+Starts every app instance and its sidecar on 127.0.0.1 with kernel-chosen ports (the order is
+explained in topology.py), waits for all their ready files, then drives the frontend through a
+"client" sidecar. Ctrl-C or SIGTERM (or --duration) stops the load, then the processes,
+callers before callees, and exits 0. Logs and ready files go to --workdir (default .demo/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import shlex
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from demo_services import loadgen, topology
+from demo_services.stats import format_summary
+from demo_services.supervisor import Child, StartupError, stop_group, wait_ready
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m demo_services.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    loadgen.add_load_flags(p)
+    p.add_argument("--payments-instances", type=int, default=2)
+    p.add_argument("--catalog-instances", type=int, default=2)
+    p.add_argument("--payments-fail-rate", type=float, default=0.0,
+                   help="fraction of charges each payments instance fails with UNAVAILABLE")
+    p.add_argument("--payments-delay-ms", type=int, default=0,
+                   help="latency each payments instance adds to a charge")
+    p.add_argument("--workdir", default=str(ROOT / ".demo"),
+                   help="logs/ and ready/ of every process go here")
+    p.add_argument("--sidecar-cmd", default=f"{shlex.quote(sys.executable)} -m sidecar",
+                   help="command that runs the sidecar (the demo adds its flags)")
+    p.add_argument("--sidecar-arg", action="append", default=[], metavar="ARG",
+                   help="extra flag for every sidecar (repeatable), e.g. --sidecar-arg="
+                        "--log-level=WARNING")
+    p.add_argument("--summary-json", help="write the run's totals and processes here at exit")
+    p.add_argument("--ready-timeout", type=float, default=60.0,
+                   help="seconds each start-up step may take")
+    args = p.parse_args(argv)
+    if args.rps <= 0 or args.users <= 0:
+        p.error("--rps and --users must be positive")
+    if args.payments_instances < 1 or args.catalog_instances < 1:
+        p.error("every service needs at least one instance")
+    if not 0.0 <= args.payments_fail_rate <= 1.0:
+        p.error("--payments-fail-rate must be within [0, 1]")
+    return args
+
+
+def child_env() -> dict[str, str]:
+    """The children's environment: our code importable, no stray MESH_* settings inherited
+    (the sidecar reads every flag from MESH_* too, and the demo must be reproducible)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT), str(ROOT / "gen"), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Demo:
+    """Starts the processes in dependency order and stops them in the reverse order."""
+
+    def __init__(self, args: argparse.Namespace, stop: asyncio.Event) -> None:
+        self.args = args
+        self.stop = stop
+        self.workdir = Path(args.workdir).resolve()
+        self.shop = topology.shop(payments=args.payments_instances,
+                                  catalog=args.catalog_instances,
+                                  payments_fail_rate=args.payments_fail_rate,
+                                  payments_delay_ms=args.payments_delay_ms)
+        self.sidecar_cmd = shlex.split(args.sidecar_cmd)
+        self.env = child_env()
+        # Start groups, in start order; stopped in reverse.
+        self.groups: list[list[Child]] = []
+        self.inbound: dict[str, list[str]] = {}  # mesh service -> its sidecars' inbound
+
+    def _ready_path(self, name: str) -> Path:
+        return self.workdir / "ready" / f"{name}.json"
+
+    def _spawn(self, name: str, argv: list[str]) -> Child:
+        return Child(name, argv, workdir=self.workdir, ready_file=self._ready_path(name),
+                     env=self.env, cwd=ROOT)
+
+    async def _start_group(self, specs: list[tuple[str, list[str]]]) -> list[Child] | None:
+        group = [self._spawn(name, argv) for name, argv in specs]
+        self.groups.append(group)
+        ok = await wait_ready(group, self.stop, timeout=self.args.ready_timeout)
+        return group if ok else None
+
+    def children(self) -> list[Child]:
+        return [c for g in self.groups for c in g]
+
+    async def start(self) -> str | None:
+        """Start everything; returns the client sidecar's outbound address (None: interrupted)."""
+        (self.workdir / "ready").mkdir(parents=True, exist_ok=True)
+        apps: dict[str, Child] = {}
+        app_specs = []
+        for spec in self.shop.services:
+            for inst in spec.instance_ids():
+                argv = topology.app_argv(spec, inst, str(self._ready_path(inst)),
+                                         str(self._ready_path(f"sidecar-{inst}")))
+                app_specs.append((inst, argv))
+        group = await self._start_group(app_specs)
+        if group is None:
+            return None
+        apps = {c.name: c for c in group}
+
+        for tier in self.shop.tiers():
+            specs = []
+            for spec in tier:
+                upstreams = {callee: self.inbound[callee] for callee in spec.calls}
+                for inst in spec.instance_ids():
+                    specs.append((f"sidecar-{inst}", topology.sidecar_argv(
+                        self.sidecar_cmd, service=spec.name,
+                        app=apps[inst].addresses["server"], upstreams=upstreams,
+                        routes=self.shop.routes(spec.calls),
+                        ready_file=str(self._ready_path(f"sidecar-{inst}")),
+                        extra=self.args.sidecar_arg)))
+            group = await self._start_group(specs)
+            if group is None:
+                return None
+            for spec in tier:
+                self.inbound[spec.name] = [
+                    c.addresses["inbound"] for c in group
+                    if c.name.startswith(f"sidecar-{spec.name}-")]
+
+        calls = self.shop.client_calls
+        client = f"sidecar-{topology.CLIENT_SERVICE}"
+        group = await self._start_group([(client, topology.sidecar_argv(
+            self.sidecar_cmd, service=topology.CLIENT_SERVICE, app=None,
+            upstreams={c: self.inbound[c] for c in calls}, routes=self.shop.routes(calls),
+            ready_file=str(self._ready_path(client)), extra=self.args.sidecar_arg))])
+        if group is None:
+            return None
+        addresses = {c.name: c.addresses for c in self.children()}
+        await asyncio.to_thread((self.workdir / "addresses.json").write_text,
+                                json.dumps(addresses, indent=2))
+        return group[0].addresses["outbound"]
+
+    def dead_children(self) -> list[Child]:
+        return [c for c in self.children() if not c.alive()]
+
+    async def shutdown(self) -> list[str]:
+        """Callers first: the load is already stopped, so nothing is cut off mid-call."""
+        killed: list[str] = []
+        for group in reversed(self.groups):
+            killed += await stop_group(group)
+        return killed
+
+    def describe(self, target: str) -> str:
+        lines = [f"demo shop is up (logs in {self.workdir / 'logs'}):"]
+        for tier in reversed(self.shop.tiers()):
+            for spec in tier:
+                calls = f" -> {', '.join(spec.calls)}" if spec.calls else ""
+                lines.append(f"  {spec.name:9} {spec.instances} instance(s), sidecar inbound "
+                             f"{', '.join(self.inbound[spec.name])}{calls}")
+        lines.append(f"  load generator -> client sidecar {target} -> frontend")
+        admin = self.children()[-1].addresses.get("admin")
+        lines.append(f"every process's addresses: {self.workdir / 'addresses.json'} "
+                     f"(e.g. curl http://{admin}/clusters)")
+        return "\n".join(lines)
+
+
+async def watch_children(demo: Demo, failed: list[str],
+                         notice: loadgen.ProgressPrinter) -> None:
+    """Say at once when a process dies during the run, with the end of its log, rather than
+    leave a stream of UNAVAILABLE errors unexplained. The demo goes on (the mesh should route
+    around a dead instance), but the run will exit 1."""
+    reported: set[str] = set()
+    while True:
+        for child in demo.dead_children():
+            if child.name not in reported:
+                reported.add(child.name)
+                message = (f"{child.name} exited with {child.proc.returncode} during the run:\n"
+                           f"{child.log_tail(5)}")
+                failed.append(message)
+                notice.say(message)
+        await asyncio.sleep(0.2)
+
+
+async def run(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # SIGHUP too: closing the terminal should stop the demo as cleanly as Ctrl-C does.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop.set)
+    demo = Demo(args, stop)
+    failed: list[str] = []
+    summary: dict[str, Any] = {}
+    printer = loadgen.ProgressPrinter()
+    try:
+        target = await demo.start()
+        if target is not None:
+            printer.say(demo.describe(target))
+            printer.say("load: Ctrl-C to stop" if args.duration is None
+                        else f"load: {args.duration:g}s")
+            watcher = asyncio.create_task(watch_children(demo, failed, printer))
+            stats = await loadgen.run_load(target, rps=args.rps, duration=args.duration,
+                                           users=args.users, stop=stop, on_progress=printer,
+                                           seed=args.seed)
+            watcher.cancel()
+            printer.finish()
+            summary = stats.summary(time.monotonic())
+            printer.say(format_summary(summary))
+    except StartupError as exc:
+        failed.append(str(exc))
+    finally:
+        printer.finish()
+        printer.say("stopping...")
+        killed = await demo.shutdown()
+        if killed:
+            printer.say(f"had to SIGKILL: {', '.join(killed)}")
+    for message in failed:
+        printer.say(f"demo failed: {message}")
+    summary["failed"] = failed
+    summary["processes"] = [{"name": c.name, "pid": c.pid, "returncode": c.proc.returncode}
+                            for c in demo.children()]
+    printer.say("stopped.")
+    return (1 if failed else 0), summary
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path):
+    """Two demos sharing a workdir would read each other's ready files."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / "lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"another demo is running in {workdir}; pass --workdir") from None
+        yield
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    with workdir_lock(Path(args.workdir)):
+        code, summary = asyncio.run(run(args))
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
