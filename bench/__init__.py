@@ -1,0 +1,1 @@
+"""The benchmark harness (`make bench`): what a hop through the sidecar costs, next to nginx."""

@@ -1,0 +1,254 @@
+"""`make bench`: what a hop costs, measured on four paths to one upstream in one run.
+
+For each path (direct, nginx grpc_pass, one sidecar, a sidecar pair) and the same load
+(UnaryCall, 100-byte payload, 100-byte response, one HTTP/2 connection from the client):
+  1. warm-up, closed loop (connections, channels and caches settle; not reported);
+  2. unloaded latency: closed loop with one call in flight;
+  3. fixed rate (default 500 rps): latency under load, and the proxies' CPU per request;
+  4. max throughput: closed loop at a fixed concurrency.
+Proxy CPU is utime + stime from /proc over each phase, summed over the path's proxy
+processes; RSS is read after the phases. Any gRPC error fails the run (exit 1).
+
+Writes bench/results/<timestamp>.json and .png, prints the table with ratios, and (full runs)
+rewrites the generated part of docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import docs, loadgen, nginx, procstat
+from bench.loadgen import Load
+from bench.paths import FACTORIES, PATHS, Topology
+from bench.procs import ROOT, start_upstream
+from bench.report import text_table
+
+
+@dataclass(frozen=True)
+class Plan:
+    warmup_s: float = 2.0
+    unloaded_s: float = 5.0
+    rate_s: float = 8.0
+    max_s: float = 8.0
+    rate: float = 500.0
+    max_concurrency: int = 32
+    warmup_concurrency: int = 8
+    rounds: int = 1
+
+
+FULL = Plan()
+QUICK = Plan(warmup_s=0.5, unloaded_s=2.0, rate_s=2.0, max_s=2.0)
+
+
+def _machine_busy() -> tuple[float, float]:
+    """(busy jiffies, total jiffies) of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [float(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    total = sum(fields[:8])
+    return total - idle, total
+
+
+class Meter:
+    """CPU used by the path's proxies and by the upstream over one load phase."""
+
+    def __init__(self, proxy_pids: list[int], upstream_pid: int) -> None:
+        self.proxy_pids = proxy_pids
+        self.upstream_pid = upstream_pid
+
+    def __enter__(self) -> Meter:
+        self._proxy = procstat.total_cpu_seconds(self.proxy_pids)
+        self._upstream = procstat.cpu_seconds(self.upstream_pid)
+        self._busy, self._total = _machine_busy()
+        self._t = time.monotonic()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proxy_cpu_s = procstat.total_cpu_seconds(self.proxy_pids) - self._proxy
+        self.upstream_cpu_s = procstat.cpu_seconds(self.upstream_pid) - self._upstream
+        busy, total = _machine_busy()
+        cpus = os.cpu_count() or 1
+        self.machine_busy_cores = ((busy - self._busy) / (total - self._total) * cpus
+                                   if total > self._total else 0.0)
+        self.wall_s = time.monotonic() - self._t
+
+
+def measure(topology: Topology, upstream_pid: int, load: Load) -> dict[str, Any]:
+    with Meter(topology.pids(), upstream_pid) as meter:
+        result = loadgen.run(topology.target, load)
+    out = result.as_dict()
+    n = max(result.completed, 1)
+    out["load"] = asdict(load)
+    out["proxy_cpu_ms_per_req"] = meter.proxy_cpu_s * 1000 / n if topology.hops else None
+    out["proxy_cpu_cores"] = meter.proxy_cpu_s / meter.wall_s if topology.hops else None
+    out["upstream_cpu_ms_per_req"] = meter.upstream_cpu_s * 1000 / n
+    out["machine_busy_cores"] = round(meter.machine_busy_cores, 2)
+    return out
+
+
+def bench_path(name: str, upstream: str, upstream_pid: int, plan: Plan) -> dict[str, Any]:
+    with FACTORIES[name](upstream) as topology:
+        print(f"  {name}: {topology.description}", flush=True)
+        warmup = measure(topology, upstream_pid,
+                         Load(plan.warmup_s, concurrency=plan.warmup_concurrency))
+        phases = {
+            "unloaded": measure(topology, upstream_pid, Load(plan.unloaded_s, concurrency=1)),
+            "fixed_rate": measure(topology, upstream_pid,
+                                  Load(plan.rate_s, concurrency=plan.max_concurrency,
+                                       rate=plan.rate)),
+            "max_throughput": measure(topology, upstream_pid,
+                                      Load(plan.max_s, concurrency=plan.max_concurrency)),
+        }
+        pids = topology.pids()
+        mem = procstat.total_memory(pids) if topology.hops else None
+    errors = warmup["error_count"] + sum(p["error_count"] for p in phases.values())
+    return {
+        "description": topology.description,
+        "hops": topology.hops,
+        "proxy_processes": len(pids),
+        "target": topology.target,
+        **phases,
+        "warmup_errors": warmup["errors"],
+        "proxy_rss_mib": mem.rss_kib / 1024 if mem else None,
+        "proxy_peak_rss_mib": mem.hwm_kib / 1024 if mem else None,
+        "grpc_errors": errors,
+    }
+
+
+def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median of every numeric leaf across rounds (structure of the first round)."""
+    first = runs[0]
+    out: dict[str, Any] = {}
+    for key, value in first.items():
+        if isinstance(value, dict) and all(isinstance(r.get(key), dict) for r in runs):
+            out[key] = _median_of([r[key] for r in runs])
+        elif isinstance(value, int | float) and not isinstance(value, bool) and all(
+                isinstance(r.get(key), int | float) for r in runs):
+            out[key] = (sum(r[key] for r in runs) if key in ("grpc_errors", "ok", "error_count")
+                        else statistics.median(r[key] for r in runs))
+        else:
+            out[key] = value
+    return out
+
+
+def host_info() -> dict[str, Any]:
+    import grpc
+
+    with open("/proc/loadavg") as f:
+        load = " ".join(f.read().split()[:3])
+    return {
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "nginx": nginx.version(),
+        "loadavg_before": load,
+    }
+
+
+def run_benchmark(plan: Plan, names: list[str]) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "started_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "host": host_info(),
+        "plan": asdict(plan),
+        "workload": {"method": loadgen.METHOD, "payload_bytes": loadgen.PAYLOAD_BYTES,
+                     "response_bytes": loadgen.RESPONSE_BYTES, "client_connections": 1,
+                     "load_generator": "bench/go/bin/loadgen (grpc-go)",
+                     "upstream": "bench/go/bin/interop_server (grpc-go TestService)"},
+    }
+    t0 = time.monotonic()
+    upstream = start_upstream()
+    try:
+        rounds: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+        for i in range(plan.rounds):
+            print(f"round {i + 1}/{plan.rounds}", flush=True)
+            for name in names:
+                rounds[name].append(bench_path(name, upstream.ports["server"], upstream.pid,
+                                               plan))
+    finally:
+        upstream.stop()
+    result["paths"] = {n: _median_of(r) if len(r) > 1 else r[0] for n, r in rounds.items()}
+    if plan.rounds > 1:
+        result["rounds"] = rounds
+    with open("/proc/loadavg") as f:
+        result["host"]["loadavg_after"] = " ".join(f.read().split()[:3])
+    result["duration_s"] = round(time.monotonic() - t0, 1)
+    return result
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="short phases (~30 s in all): a smoke run, figures are rough")
+    p.add_argument("--phase-seconds", type=float,
+                   help="override every phase's duration (warm-up gets half)")
+    p.add_argument("--rate", type=float, help=f"fixed-rate phase, rps (default {FULL.rate:g})")
+    p.add_argument("--concurrency", type=int,
+                   help=f"calls in flight for max throughput (default {FULL.max_concurrency})")
+    p.add_argument("--rounds", type=int, help="repeat all paths N times, report medians")
+    p.add_argument("--paths", default=",".join(PATHS),
+                   help="comma-separated subset of " + ",".join(PATHS))
+    p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--docs", type=Path, default=None,
+                   help="markdown file to update (default: docs/performance.md on full runs, "
+                        "none with --quick)")
+    p.add_argument("--no-docs", action="store_true", help="do not update any markdown file")
+    p.add_argument("--no-chart", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    if args.phase_seconds:
+        s = args.phase_seconds
+        plan = replace(plan, warmup_s=s / 2, unloaded_s=s, rate_s=s, max_s=s)
+    if args.rate:
+        plan = replace(plan, rate=args.rate)
+    if args.concurrency:
+        plan = replace(plan, max_concurrency=args.concurrency)
+    if args.rounds:
+        plan = replace(plan, rounds=args.rounds)
+    names = [n.strip() for n in args.paths.split(",") if n.strip()]
+    unknown = [n for n in names if n not in FACTORIES]
+    if unknown:
+        print(f"unknown path(s): {', '.join(unknown)}", file=sys.stderr)
+        return 2
+
+    result = run_benchmark(plan, names)
+    stamp = result["started_at"].replace(":", "").replace("-", "")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = args.out_dir / f"{stamp}.json"
+    if not args.no_chart:
+        from bench.chart import write_chart
+
+        result["chart"] = str(write_chart(result, args.out_dir / f"{stamp}.png"))
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+
+    print()
+    print(text_table(result))
+    print(f"\nresult: {json_path}" + (f"\nchart:  {result['chart']}" if "chart" in result else ""))
+    docs_path = args.docs or (None if args.quick else ROOT / "docs" / "performance.md")
+    if docs_path and not args.no_docs:
+        docs.update(docs_path, result, json_path)
+        print(f"docs:   {docs_path}")
+    errors = sum(p["grpc_errors"] for p in result["paths"].values())
+    if errors:
+        print(f"FAILED: {errors} gRPC errors (see {json_path})", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
