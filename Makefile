@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
-GO_APT := golang-go golang-google-grpc-dev golang-google-protobuf-dev protoc-gen-go-grpc protobuf-compiler
+GO_APT := golang-go golang-google-grpc-dev golang-github-golang-protobuf-1-3-dev golang-google-protobuf-dev protoc-gen-go-grpc protobuf-compiler
 
 .PHONY: all venv protos test test-fast lint demo bench go-tools clean
 

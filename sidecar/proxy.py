@@ -17,7 +17,6 @@ deadline upstream, and pass status code, message and trailers unchanged.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +28,7 @@ from sidecar.dataplane import DataPlane, Refusal
 from sidecar.metadata import forwardable
 from sidecar.method_shapes import MethodShapes
 from sidecar.model import Direction
+from sidecar.upstream.request_writer import write_all
 
 # grpc-core wording for failures of the hop itself (not statuses sent by an upstream app).
 _CONNECT_FAILURES = ("failed to connect to all addresses", "Connection refused",
@@ -97,7 +97,8 @@ class ProxyHandler(grpc.GenericRpcHandler):
             self._shapes.learn_from(service, target.upstream.channel)
         call = target.upstream.stream(method)(
             timeout=_timeout(context, target.route.timeout), metadata=forwardable(metadata))
-        pump = asyncio.get_running_loop().create_task(self._pump_requests(context, call))
+        pump = asyncio.get_running_loop().create_task(
+            write_all(call, context.read, self._max_bytes, self._too_large))
         headers_sent = False
         refusal: str | None = None
         try:
@@ -140,20 +141,6 @@ class ProxyHandler(grpc.GenericRpcHandler):
                 call.cancel()
             if not pump.done():
                 pump.cancel()
-
-    async def _pump_requests(self, context: grpc.aio.ServicerContext, call: Any) -> str | None:
-        """Copy request messages upstream, then half-close; say why if a message is refused."""
-        with contextlib.suppress(Exception):  # upstream ended or caller left: the status tells
-            while True:
-                message = await context.read()
-                if message is EOF:
-                    break
-                if len(message) > self._max_bytes:
-                    call.cancel()
-                    return self._too_large("request", len(message))
-                await call.write(message)
-            await call.done_writing()
-        return None
 
     async def _unary_call(self, method: str, request: bytes,
                           context: grpc.aio.ServicerContext) -> bytes | None:
