@@ -30,6 +30,12 @@ class Settings:
     drain_timeout: float = 10.0
     ready_file: str | None = None
     log_level: str = "INFO"
+    control_plane: str | None = None
+    state_dir: str | None = None
+    instance_id: str = ""
+    version: str = ""
+    zone: str = ""
+    grpc_services: tuple[str, ...] = ()
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -87,6 +93,22 @@ def parser() -> argparse.ArgumentParser:
                         "RESOURCE_EXHAUSTED")
     p.add_argument("--drain-timeout", type=float, default=float(_env("DRAIN_TIMEOUT", "10") or 0),
                    help="seconds calls in flight get to finish after SIGTERM")
+    p.add_argument("--control-plane", default=_env("CONTROL_PLANE"),
+                   help="HOST:PORT of the control plane (xDS over ADS); without it the config "
+                        "comes from --config and the routing flags only")
+    p.add_argument("--state-dir", default=_env("STATE_DIR"),
+                   help="where the last accepted control-plane config is kept, to start from "
+                        "when the control plane is unreachable; unset means "
+                        "~/.pymesh/sidecar-<instance id>")
+    p.add_argument("--instance-id", default=_env("INSTANCE_ID", ""),
+                   help="this instance's id in the mesh; empty means <service>-<inbound port>")
+    p.add_argument("--version", default=_env("VERSION", ""),
+                   help="version label of the local app (TrafficPolicy subsets select on it)")
+    p.add_argument("--zone", default=_env("ZONE", ""), help="zone of this instance")
+    p.add_argument("--grpc-service", action="append", default=_env_list("GRPC_SERVICE"),
+                   metavar="pkg.Service",
+                   help="a gRPC service the local app serves, announced to the control plane; "
+                        "repeatable; none means: ask the app's reflection service")
     p.add_argument("--ready-file", default=_env("READY_FILE"),
                    help="write the bound addresses as JSON to this file once listening")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"),
@@ -125,12 +147,14 @@ def _settings(args: argparse.Namespace) -> Settings:
         grpc_service, sep, target = item.partition("=")
         if not sep or not grpc_service or not target:
             raise ConfigError(f"--route {item!r}: expected GRPC_SERVICE=SERVICE")
-        if target not in upstreams and not args.config:
+        if target not in upstreams and not args.config and not args.control_plane:
             raise ConfigError(f"--route {item!r}: no --upstream named {target!r}")
         routes[grpc_service] = target
     for m in args.unary_method:
         if not (m.startswith("/") and m.count("/") == 2):
             raise ConfigError(f"--unary-method {m!r}: expected /pkg.Service/Method")
+    if args.control_plane:
+        split_host_port(args.control_plane)
     if args.max_message_bytes <= 0:
         raise ConfigError("--max-message-bytes must be positive")
     if args.drain_timeout < 0:
@@ -141,4 +165,7 @@ def _settings(args: argparse.Namespace) -> Settings:
                     learn_method_shapes=not args.no_learn_method_shapes,
                     minimal_stack=not args.no_minimal_stack,
                     max_message_bytes=args.max_message_bytes, drain_timeout=args.drain_timeout,
-                    ready_file=args.ready_file, log_level=args.log_level)
+                    ready_file=args.ready_file, log_level=args.log_level,
+                    control_plane=args.control_plane, state_dir=args.state_dir,
+                    instance_id=args.instance_id, version=args.version, zone=args.zone,
+                    grpc_services=tuple(args.grpc_service))
