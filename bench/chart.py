@@ -17,7 +17,8 @@ def write_chart(result: Result, out: Path) -> Path:
     labels = [LABELS.get(n, n) for n in names]
     paths = result["paths"]
     rate = result["plan"]["rate"]
-    colors = ["#7f7f7f", "#2ca02c", "#1f77b4", "#9467bd"][: len(names)]
+    palette = ["#7f7f7f", "#2ca02c", "#1f77b4", "#9467bd", "#ff7f0e", "#8c564b"]
+    colors = [palette[i % len(palette)] for i in range(len(names))]
 
     def val(name: str, phase: str, key: str) -> float:
         v = paths[name].get(phase, {}).get(key)

@@ -7,6 +7,7 @@ profile analysis, notes written by people) is kept as it is.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from bench.report import (
     TARGET_ADDED_P50_MS,
@@ -39,6 +40,11 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
 
+def _span(runs: list[dict[str, Any]], phase: str, key: str, digits: int) -> str:
+    vals = [r[phase][key] for r in runs if isinstance(r[phase].get(key), int | float)]
+    return f"{min(vals):.{digits}f} to {max(vals):.{digits}f}" if vals else "—"
+
+
 def generated_section(result: Result, json_path: Path) -> str:
     plan = result["plan"]
     host = result["host"]
@@ -47,6 +53,7 @@ def generated_section(result: Result, json_path: Path) -> str:
     verdicts = targets(result)
     busy = {n: p.get("fixed_rate", {}).get("machine_busy_cores")
             for n, p in result["paths"].items()}
+    busy_text = ", ".join(f"{k} {v:.2f}" for k, v in busy.items() if v is not None)
     try:
         shown = json_path.resolve().relative_to(Path(__file__).resolve().parent.parent)
     except ValueError:
@@ -62,6 +69,15 @@ def generated_section(result: Result, json_path: Path) -> str:
                 f"{_fmt(r['added_p50_ms_per_hop'])} ms added p50 per hop unloaded, "
                 f"max throughput {_fmt(r['max_rps_vs_direct'], 2)}x direct and "
                 f"{_fmt(r['max_rps_vs_nginx'], 2)}x nginx.")
+    spread = []
+    for name, runs in result.get("rounds", {}).items():
+        cpu = (f", proxy CPU ms/req at the fixed rate "
+               f"{_span(runs, 'fixed_rate', 'proxy_cpu_ms_per_req', 3)}"
+               if result["paths"][name].get("hops") else "")
+        spread.append(f"- {name}: unloaded p50 {_span(runs, 'unloaded', 'p50_ms', 2)} ms, max rps "
+                      f"{_span(runs, 'max_throughput', 'rps', 0)}{cpu}")
+    spread_text = ("Spread over the rounds (lowest to highest), to judge the noise:\n\n"
+                   + "\n".join(spread) if spread else "")
     met = [f"- {'Met' if t['met'] else '**Not met**'}: {t['target']} ≤ {t['limit_ms']:g} ms."
            for t in verdicts]
     return f"""{BEGIN}
@@ -70,8 +86,8 @@ def generated_section(result: Result, json_path: Path) -> str:
 
 {result['started_at']}, {host['cpus']} CPUs (shared with other work: load average
 {host['loadavg_before']} before, {host.get('loadavg_after', '?')} after; whole-machine busy
-cores during the fixed-rate phase per path: {", ".join(f"{k} {v}" for k, v in busy.items())}),
-Python {host['python']}, grpcio {host['grpcio']}, nginx {host['nginx']}; run took
+cores during the fixed-rate phase per path: {busy_text}),
+Python {host['python']}, grpcio {host['grpcio']}, {host['nginx']}; run took
 {result.get('duration_s', '?')} s. Raw result: `{shown}` (results are not committed; re-run
 `make bench` to get your own). Figures on a shared VM move by ±20-30% between runs: compare
 paths within one run, not across runs.
@@ -79,6 +95,8 @@ paths within one run, not across runs.
 {markdown_tables(result)}
 
 {chr(10).join(summary)}
+
+{spread_text}
 
 Targets from issue 2 (≤ {TARGET_CPU_MS_PER_REQ} ms CPU per request per sidecar, ≤
 {TARGET_ADDED_P50_MS} ms added p50 per hop unloaded; a pair counts as two hops, so its figures

@@ -72,7 +72,7 @@ def nginx_binary() -> str:
 
 def version() -> str:
     out = subprocess.run([nginx_binary(), "-v"], capture_output=True, text=True, check=False)
-    return (out.stderr or out.stdout).strip().removeprefix("nginx version: ")
+    return (out.stderr or out.stdout).strip().removeprefix("nginx version: ").replace("/", " ")
 
 
 class Nginx:

@@ -4,6 +4,8 @@ direct        client -> upstream
 nginx         client -> nginx grpc_pass -> upstream
 sidecar       client -> sidecar (outbound) -> upstream
 sidecar_pair  client -> sidecar A (outbound) -> sidecar B (inbound) -> upstream
+(optional, not run by default: sidecar_stream, one sidecar forced onto its generic
+stream-stream shape, which every method not known to be unary takes)
 
 Each is a context manager that starts the path's proxies, yields what the load generator
 should target and which processes are the path's proxies, and stops them afterwards.
@@ -58,6 +60,17 @@ def sidecar(upstream: str) -> Iterator[Topology]:
 
 
 @contextlib.contextmanager
+def sidecar_stream(upstream: str) -> Iterator[Topology]:
+    a = start_sidecar("bench-sidecar-stream", upstream=upstream, unary=False)
+    try:
+        yield Topology("sidecar_stream", a.ports["outbound"], 1,
+                       lambda: procstat.with_descendants([a.pid]),
+                       "client -> sidecar outbound (stream-stream shape) -> upstream")
+    finally:
+        a.stop()
+
+
+@contextlib.contextmanager
 def sidecar_pair(upstream: str) -> Iterator[Topology]:
     b = start_sidecar("bench-sidecar-b", app=upstream)
     try:
@@ -74,4 +87,5 @@ def sidecar_pair(upstream: str) -> Iterator[Topology]:
 
 FACTORIES: dict[str, Callable[[str], contextlib.AbstractContextManager[Topology]]] = {
     "direct": direct, "nginx": nginx, "sidecar": sidecar, "sidecar_pair": sidecar_pair,
+    "sidecar_stream": sidecar_stream,
 }

@@ -132,16 +132,17 @@ UNARY_METHOD = "/grpc.testing.TestService/UnaryCall"
 
 
 def start_sidecar(name: str, *, upstream: str | None = None, app: str | None = None,
-                  extra: Sequence[str] = ()) -> Child:
+                  unary: bool = True, extra: Sequence[str] = ()) -> Child:
     """A sidecar on ephemeral ports.
 
     `upstream`: where its outbound listener sends grpc.testing calls; `app`: where its inbound
-    listener forwards. UnaryCall is declared unary because the Go upstream has no reflection
-    service to learn it from (the sidecar would otherwise take the stream-stream shape).
+    listener forwards. With `unary`, UnaryCall is declared unary because the Go upstream has no
+    reflection service to learn it from; without, the sidecar takes the stream-stream shape.
     """
     argv = [sys.executable, "-m", "sidecar", "--service", name,
             "--outbound", "127.0.0.1:0", "--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-            "--unary-method", UNARY_METHOD, "--log-level", "WARNING"]
+            "--log-level", "WARNING"]
+    argv += ["--unary-method", UNARY_METHOD] if unary else ["--no-learn-method-shapes"]
     if upstream:
         argv += ["--upstream", f"bench-upstream={upstream}",
                  "--route", "grpc.testing.TestService=bench-upstream"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 LABELS = {"direct": "direct", "nginx": "nginx grpc_pass", "sidecar": "one sidecar",
-          "sidecar_pair": "sidecar pair"}
+          "sidecar_pair": "sidecar pair", "sidecar_stream": "one sidecar, stream shape"}
 
 # The targets, per sidecar (per hop).
 TARGET_CPU_MS_PER_REQ = 0.5
