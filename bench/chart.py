@@ -56,7 +56,8 @@ def write_chart(result: Result, out: Path) -> Path:
                     ha="center", va="bottom", fontsize=8)
     ax.set_title(f"proxy CPU per request per proxy at {rate:g} rps")
     ax.set_ylabel("CPU ms / request")
-    ax.legend()
+    ax.set_ylim(0, max([*per_hop, TARGET_CPU_MS_PER_REQ]) * 1.4)  # room for labels and legend
+    ax.legend(loc="upper left")
 
     fig.suptitle(f"100-byte UnaryCall through each path — {result['started_at']} "
                  f"({result['host']['cpus']} CPUs, load avg {result['host']['loadavg_before']})",
