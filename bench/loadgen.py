@@ -11,7 +11,7 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bench.procs import go_binary
+from bench.procs import die_with_parent, go_binary
 
 METHOD = "/grpc.testing.TestService/UnaryCall"
 PAYLOAD_BYTES = 100
@@ -70,7 +70,8 @@ def run(target: str, load: Load, timeout_slack: float = 30.0) -> LoadResult:
             "--rate", f"{load.rate:g}", "--payload-size", str(PAYLOAD_BYTES),
             "--response-size", str(RESPONSE_BYTES)]
     proc = subprocess.run(argv, capture_output=True, text=True, check=False,
-                          timeout=load.seconds + load.warmup_seconds + timeout_slack)
+                          timeout=load.seconds + load.warmup_seconds + timeout_slack,
+                          preexec_fn=die_with_parent)
     if proc.returncode != 0:
         raise RuntimeError(f"loadgen failed ({proc.returncode}) against {target}: "
                            f"{proc.stderr.strip()}")

@@ -7,8 +7,10 @@ sleep, and every one is stopped by its own pid when the run ends, even after a f
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -45,6 +47,12 @@ def port_accepts(address: str) -> bool:
     return False
 
 
+def die_with_parent() -> None:
+    """In the child: get SIGTERM if the harness dies, so no proxy outlives a killed run."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def free_port() -> int:
     """A port that was free a moment ago (for nginx, which cannot listen on port 0)."""
     with socket.socket() as s:
@@ -74,7 +82,8 @@ class Child:
         args = list(argv) + (["--ready-file", str(self.ready_file)] if ready else [])
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=full_env, cwd=str(ROOT), start_new_session=True)
+                                     env=full_env, cwd=str(ROOT), start_new_session=True,
+                                     preexec_fn=die_with_parent)
         if ready:
             try:
                 wait_for(self._read_ready, timeout, f"{name} to become ready")
@@ -105,14 +114,22 @@ class Child:
         return self.proc.poll() is None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
-        if self.alive():
+        """Stop the process; its log is kept (and its path printed) only if it ended badly."""
+        stopping = self.alive()
+        if stopping:
             self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
+            if self.proc.returncode == 0 or (stopping and self.proc.returncode == -sig):
+                shutil.rmtree(self.dir, ignore_errors=True)
+            else:
+                print(f"{self.name} exited with {self.proc.returncode}; log kept: "
+                      f"{self.log_path}", file=sys.stderr)
         return self.proc.returncode
 
 

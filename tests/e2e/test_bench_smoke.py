@@ -21,11 +21,17 @@ PHASES = ("unloaded", "fixed_rate", "max_throughput")
 def test_bench_quick_run_measures_all_four_paths(tmp_path: Path) -> None:
     assert shutil.which("nginx") or Path("/usr/sbin/nginx").exists(), (
         "nginx is needed by the benchmark's reference path: ./scripts/ensure-apt.sh nginx")
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "bench.run", "--quick", "--phase-seconds", "0.4",
          "--rate", "200", "--out-dir", str(tmp_path), "--no-docs"],
-        cwd=ROOT, capture_output=True, text=True, timeout=90, check=False)
-    assert proc.returncode == 0, f"bench.run failed:\n{proc.stdout}\n{proc.stderr}"
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # SIGTERM: the harness stops its proxies before exiting
+        stdout, stderr = proc.communicate(timeout=30)
+        raise AssertionError(f"bench.run took over 90 s:\n{stdout}\n{stderr}") from None
+    assert proc.returncode == 0, f"bench.run failed:\n{stdout}\n{stderr}"
 
     results = list(tmp_path.glob("*.json"))
     assert len(results) == 1, list(tmp_path.iterdir())
@@ -43,4 +49,4 @@ def test_bench_quick_run_measures_all_four_paths(tmp_path: Path) -> None:
             assert path["fixed_rate"]["proxy_cpu_ms_per_req"] > 0, (name, path)
             assert path["proxy_rss_mib"] > 0, (name, path)
     assert Path(result["chart"]).stat().st_size > 0
-    assert "sidecar_pair" in proc.stdout and "target" in proc.stdout
+    assert "sidecar_pair" in stdout and "target" in stdout
