@@ -33,6 +33,7 @@ go-tools:
 	$(MAKE) -C bench/go
 
 test: protos go-tools
+	./scripts/ensure-apt.sh nginx
 	$(PY) -m pytest -q
 
 test-fast: protos

@@ -50,6 +50,9 @@ class ProxyHandler(grpc.GenericRpcHandler):
         self._shapes = shapes
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self._unary: frozenset[str] = frozenset()
+        self._active: set[Any] = set()  # handler tasks of calls in flight
+        self._idle = asyncio.Event()
+        self._cut_off_message: str | None = None
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         method: str = handler_call_details.method  # type: ignore[attr-defined]
@@ -86,8 +89,56 @@ class ProxyHandler(grpc.GenericRpcHandler):
         return (f"mesh sidecar {self._name!r} ({self._direction.value}): {what} message of "
                 f"{size} bytes exceeds max_message_bytes {self._max_bytes}")
 
+    # --- calls in flight, for an orderly drain -------------------------------------------
+    @property
+    def active_calls(self) -> int:
+        return len(self._active)
+
+    async def wait_idle(self) -> None:
+        while self._active:
+            self._idle.clear()
+            await self._idle.wait()
+
+    def cut_off(self, message: str) -> None:
+        """End every call in flight with UNAVAILABLE and `message` (the drain timed out)."""
+        self._cut_off_message = message
+        for task in list(self._active):
+            task.cancel()
+
     async def _stream_call(self, method: str, service: str, _requests: Any,
                            context: grpc.aio.ServicerContext) -> None:
+        task = asyncio.current_task()
+        self._active.add(task)
+        try:
+            await self._forward_stream(method, service, context, task)
+        except asyncio.CancelledError:
+            if self._cut_off_message is None:
+                raise  # the caller cancelled
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self._cut_off_message)
+        finally:
+            self._active.discard(task)
+            if not self._active:
+                self._idle.set()
+
+    async def _unary_call(self, method: str, request: bytes,
+                          context: grpc.aio.ServicerContext) -> bytes | None:
+        task = asyncio.current_task()
+        self._active.add(task)
+        try:
+            return await self._forward_unary(method, request, context)
+        except asyncio.CancelledError:
+            if self._cut_off_message is None:
+                raise
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self._cut_off_message)
+            return None
+        finally:
+            self._active.discard(task)
+            if not self._active:
+                self._idle.set()
+
+    # --- forwarding -----------------------------------------------------------------------
+    async def _forward_stream(self, method: str, service: str,
+                              context: grpc.aio.ServicerContext, owner: Any) -> None:
         metadata = context.invocation_metadata()
         target = self._plane().resolve(self._direction, method, metadata)
         if isinstance(target, Refusal):
@@ -98,7 +149,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
         call = target.upstream.stream(method)(
             timeout=_timeout(context, target.route.timeout), metadata=forwardable(metadata))
         pump = asyncio.get_running_loop().create_task(
-            write_all(call, context.read, self._max_bytes, self._too_large))
+            write_all(call, context.read, self._max_bytes, self._too_large, owner))
         headers_sent = False
         refusal: str | None = None
         try:
@@ -142,8 +193,8 @@ class ProxyHandler(grpc.GenericRpcHandler):
             if not pump.done():
                 pump.cancel()
 
-    async def _unary_call(self, method: str, request: bytes,
-                          context: grpc.aio.ServicerContext) -> bytes | None:
+    async def _forward_unary(self, method: str, request: bytes,
+                             context: grpc.aio.ServicerContext) -> bytes | None:
         if len(request) > self._max_bytes:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 self._too_large("request", len(request)))

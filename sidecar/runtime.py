@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ class Sidecar:
         self._plane: DataPlane | None = None
         self._resources = XdsResources()
         self._servers: dict[Direction, grpc.aio.Server] = {}
+        self._handlers: dict[Direction, ProxyHandler] = {}
         self._admin = AdminServer({"/ready": self._ready, "/config_dump": self._config_dump,
                                    "/clusters": self._clusters})
         self.addresses: dict[str, str] = {}
@@ -79,9 +81,10 @@ class Sidecar:
         for direction, address in ((Direction.OUTBOUND, self.settings.outbound),
                                    (Direction.INBOUND, self.settings.inbound)):
             server = grpc.aio.server(options=server_options)
-            server.add_generic_rpc_handlers(
-                (ProxyHandler(direction, self.settings.service, self.plane, self.shapes,
-                              self.settings.max_message_bytes),))
+            handler = ProxyHandler(direction, self.settings.service, self.plane, self.shapes,
+                                   self.settings.max_message_bytes)
+            self._handlers[direction] = handler
+            server.add_generic_rpc_handlers((handler,))
             port = server.add_insecure_port(address)
             if port == 0:
                 raise OSError(f"cannot listen on {address} ({direction.value})")
@@ -99,7 +102,22 @@ class Sidecar:
         """Stop accepting calls, give calls in flight `timeout` seconds, then close."""
         self.draining = True
         grace = self.settings.drain_timeout if timeout is None else timeout
-        await asyncio.gather(*(s.stop(grace) for s in self._servers.values()))
+        # stop(grace) refuses new calls at once but would wait out the whole grace period while
+        # any connection is open (an idle client, a port scanner), so we wait for our own calls
+        # in flight instead, then close at once.
+        stopping = [asyncio.ensure_future(s.stop(grace)) for s in self._servers.values()]
+        idle = asyncio.gather(*(h.wait_idle() for h in self._handlers.values()))
+        try:
+            await asyncio.wait_for(idle, grace)
+        except TimeoutError:
+            for direction, handler in self._handlers.items():
+                handler.cut_off(f"mesh sidecar {self.settings.service!r} ({direction.value}): "
+                                f"draining, call cut off after the {grace:g}s drain timeout")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(
+                    *(h.wait_idle() for h in self._handlers.values())), 1.0)
+        await asyncio.gather(*(s.stop(0) for s in self._servers.values()))
+        await asyncio.gather(*stopping, return_exceptions=True)
         await self.shapes.close()
         await self.pool.close(0)
         await self._admin.close()
