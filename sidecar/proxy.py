@@ -53,8 +53,11 @@ class ProxyHandler(grpc.GenericRpcHandler):
         self._active: set[Any] = set()  # handler tasks of calls in flight
         self._idle = asyncio.Event()
         self._cut_off_message: str | None = None
+        self._refusing: grpc.RpcMethodHandler | None = None
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        if self._refusing is not None:
+            return self._refusing
         method: str = handler_call_details.method  # type: ignore[attr-defined]
         unary = self._shapes.unary
         if unary is not self._unary:  # newly learned unary methods: rebuild handlers
@@ -98,6 +101,12 @@ class ProxyHandler(grpc.GenericRpcHandler):
         while self._active:
             self._idle.clear()
             await self._idle.wait()
+
+    def refuse_new_calls(self, message: str) -> None:
+        """From now on new calls get UNAVAILABLE (retryable elsewhere) with `message`."""
+        async def refuse(_requests: Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, message)
+        self._refusing = grpc.stream_stream_rpc_method_handler(refuse)
 
     def cut_off(self, message: str) -> None:
         """End every call in flight with UNAVAILABLE and `message` (the drain timed out)."""

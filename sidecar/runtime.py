@@ -27,6 +27,8 @@ from sidecar.xds_translate import compile_snapshot
 
 log = logging.getLogger(__name__)
 
+_REFUSE_WINDOW = 0.1  # seconds between refusing new calls and stopping the gRPC servers
+
 
 class Sidecar:
     def __init__(self, settings: Settings) -> None:
@@ -105,6 +107,12 @@ class Sidecar:
         # stop(grace) refuses new calls at once but would wait out the whole grace period while
         # any connection is open (an idle client, a port scanner), so we wait for our own calls
         # in flight instead, then close at once.
+        for direction, handler in self._handlers.items():
+            handler.refuse_new_calls(f"mesh sidecar {self.settings.service!r} "
+                                     f"({direction.value}): draining, not taking new calls")
+        # Calls already on the wire when the servers stop are refused by our handler (a clear
+        # UNAVAILABLE) rather than dropped by grpc-core as CANCELLED: give them a moment.
+        await asyncio.sleep(_REFUSE_WINDOW)
         stopping = [asyncio.ensure_future(s.stop(grace)) for s in self._servers.values()]
         idle = asyncio.gather(*(h.wait_idle() for h in self._handlers.values()))
         try:
