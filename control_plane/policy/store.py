@@ -442,7 +442,7 @@ class FileStore(_Base):
 
 MAX_TXN_OPS = 64  # Consul's limit per transaction before 1.x raised it to 128
 MAX_VALUE_BYTES = 512 * 1024  # Consul's limit per KV value
-MAX_APPLY_ATTEMPTS = 5  # re-plans after losing a CAS race to another control plane
+MAX_APPLY_ATTEMPTS = 8  # re-plans after losing a CAS race to another control plane
 
 
 def _consul_errors() -> tuple[type[BaseException], ...]:
@@ -509,17 +509,22 @@ class ConsulKVStore(_Base):
     def _watch(self) -> None:
         index = self._index
         delay = self._backoff[0]
+        failing = False
         while not self._stop.is_set():
             try:
+                # after a failure, one plain read first: it says at once whether Consul is back
+                blocking = index > 0 and not failing
                 got, items = self._client.kv.get(self._prefix, recurse=True,
-                                                 index=str(index) if index else None,
+                                                 index=str(index) if blocking else None,
                                                  wait=self._wait)
                 new_index = int(got)
             except self._errors as e:
+                failing = True
                 self._failed(e)
                 self._stop.wait(delay * (0.5 + self._rng.random()))
                 delay = min(delay * 2, self._backoff[1])
                 continue
+            failing = False
             delay = self._backoff[0]
             if self._stop.is_set():
                 return
@@ -628,7 +633,9 @@ class ConsulKVStore(_Base):
 
     def apply_report(self, resources: Sequence[s.Resource], *,
                      dry_run: bool = False) -> AppliedList:
-        for _ in range(MAX_APPLY_ATTEMPTS):
+        for attempt in range(MAX_APPLY_ATTEMPTS):
+            if attempt:  # lost a race: let the other writer finish before re-reading
+                time.sleep(self._rng.uniform(0, 0.005 * 2 ** attempt))
             current = self._read()
             plan = plan_apply({k: r for k, (r, _) in current.items()}, resources)
             now = self._clock()
@@ -678,11 +685,11 @@ class ConsulKVStore(_Base):
 
     def _txn(self, ops: TxnOps) -> TxnOps | None:
         """Results of a committed transaction, or None if it was rolled back (CAS failed)."""
-        import consul
+        from consul.exceptions import ClientError
 
         try:
             response = self._client.txn.put(ops)
-        except consul.ClientError as e:
+        except ClientError as e:
             if str(e).startswith("409"):
                 return None
             raise StoreUnavailable(f"Consul refused the write: {e}") from None
