@@ -19,8 +19,14 @@ async def _run(sidecar: Sidecar) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await sidecar.start()
+    client = None
+    if sidecar.settings.control_plane:
+        from sidecar.control_plane_link import follow_control_plane
+        client = await follow_control_plane(sidecar, sidecar.settings)
     await stop.wait()
     logging.getLogger("sidecar").info("draining (up to %.1fs)", sidecar.settings.drain_timeout)
+    if client is not None:
+        await client.stop()
     await sidecar.drain()
 
 

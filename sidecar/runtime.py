@@ -52,6 +52,7 @@ class Sidecar:
         self.addresses: dict[str, str] = {}
         self.draining = False
         self._applied_at = 0.0
+        self.xds: Any = None  # the XdsClient, when following a control plane
 
     # --- config -------------------------------------------------------------------------
     def plane(self) -> DataPlane:
@@ -139,6 +140,8 @@ class Sidecar:
             return Response(503, b"draining\n")
         if self._plane is None:
             return Response(503, b"no config yet\n")
+        if self.xds is not None and not (self.xds.synced.is_set() or self.xds.source):
+            return Response(503, b"waiting for config from the control plane\n")
         return Response(200, b"ready\n")
 
     def _config_dump(self, _query: str) -> Response:
@@ -151,6 +154,7 @@ class Sidecar:
                        "grpc_minimal_stack": self.settings.minimal_stack,
                        "drain_timeout_s": self.settings.drain_timeout},
             "unary_methods": sorted(self.shapes.unary),
+            "control_plane": self.xds.status() if self.xds is not None else None,
             "listeners": [_to_json(x) for x in self._resources.listeners],
             "route_configs": [_to_json(x) for x in self._resources.route_configs.values()],
             "clusters": [_to_json(x) for x in self._resources.clusters],
