@@ -1,0 +1,184 @@
+"""`mesh-control-plane`: registry + policy store -> translation -> ADS, plus the policy and status
+APIs on one gRPC port and an admin HTTP port (/ready, /metrics)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+
+import grpc
+
+from control_plane import policy_api, status_api
+from control_plane.ads_server import SERVER_OPTIONS, AdsServer
+from control_plane.metrics import ControlPlaneMetrics
+from control_plane.policy.store import ConsulKVStore, FileStore, PolicyStore, StoreError
+from control_plane.registry.consul import ConsulRegistry
+from control_plane.registry.embedded import EmbeddedRegistry, NodeMetadataError, instance_from_node
+from control_plane.translate import TranslationProvider
+from sidecar.admin_http import AdminServer, Response
+from sidecar.static_config import split_host_port
+
+log = logging.getLogger("control_plane")
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"MESH_{name}", default)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mesh-control-plane",
+        description="The mesh control plane: syncs instances (Consul, or announced by sidecars), "
+                    "stores policy, and pushes config to sidecars and proxyless gRPC clients "
+                    "over xDS v3 (ADS). Flags can also be set as MESH_CP_<FLAG> variables.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--listen", default=_env("CP_LISTEN", "127.0.0.1:15010"),
+                   help="gRPC: ADS, the policy API and the status API")
+    p.add_argument("--admin", default=_env("CP_ADMIN", "127.0.0.1:15014"),
+                   help="admin HTTP: /ready, /metrics")
+    p.add_argument("--consul", default=_env("CP_CONSUL"),
+                   help="Consul agent URL, e.g. http://127.0.0.1:8500: instances come from its "
+                        "catalog and policies live in its KV store; unset means the embedded "
+                        "registry (sidecars announce themselves) and a local policy file")
+    p.add_argument("--state-dir", default=_env("CP_STATE_DIR",
+                                               os.path.join(os.path.expanduser("~"), ".pymesh",
+                                                            "control-plane")),
+                   help="where the local policy file is kept (without --consul)")
+    p.add_argument("--grace", type=float, default=float(_env("CP_GRACE", "5") or 5),
+                   help="seconds an announced instance stays after its sidecar disconnects")
+    p.add_argument("--ready-file", default=_env("CP_READY_FILE"),
+                   help="write the bound addresses as JSON here once listening")
+    p.add_argument("--log-level", default=_env("CP_LOG_LEVEL", "INFO"),
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+class ControlPlane:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.registry: ConsulRegistry | EmbeddedRegistry
+        self.store: PolicyStore
+        if args.consul:
+            import consul  # py-consul
+
+            self.registry = ConsulRegistry(args.consul, grace=args.grace)
+            kv = ConsulKVStore(consul.Consul(host=self.registry.host, port=self.registry.port,
+                                             scheme=self.registry.scheme))
+            kv.start()
+            self.store = kv
+            self.source_name = "consul"
+        else:
+            self.registry = EmbeddedRegistry(grace=args.grace)
+            self.store = FileStore(os.path.join(args.state_dir, "policies.json"))
+            self.source_name = "embedded"
+        self.ads = AdsServer(TranslationProvider(self.registry.view, self.store.policy_set),
+                             on_connect=self._announce, on_disconnect=self._withdraw)
+        self.metrics = ControlPlaneMetrics(self.ads, {self.source_name: self.registry},
+                                           self.store)
+        self.server = grpc.aio.server(options=[*SERVER_OPTIONS, ("grpc.so_reuseport", 0)])
+        self.admin = AdminServer({"/ready": self._ready, "/metrics": self._metrics})
+        self.addresses: dict[str, str] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._unsubscribe: Callable[[], None] | None = None
+
+    async def _announce(self, node: object, owner: object) -> None:
+        instance = instance_from_node(node)  # NodeMetadataError rejects the stream
+        if instance is not None:
+            await self.registry.announce(instance, owner=owner)
+
+    async def _withdraw(self, node: object, owner: object) -> None:
+        with contextlib.suppress(NodeMetadataError):
+            instance = instance_from_node(node)
+            if instance is not None:
+                await self.registry.withdraw(instance.instance_id, owner=owner)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await self.registry.start()
+        # Policy changes can come from another thread (the Consul KV watch): hop to the loop.
+        def policies_changed(_policies: object) -> None:
+            loop.call_soon_threadsafe(self.ads.notify_changed)
+
+        self._unsubscribe = self.store.on_change(policies_changed)
+        self._tasks.append(loop.create_task(self._follow_registry()))
+        self.ads.add_to_server(self.server)
+        policy_api.add_to_server(self.server, self.store)
+        status_api.add_to_server(self.server, self.ads.proxy_status,
+                                 status_api.registry_report({self.source_name: self.registry}))
+        port = self.server.add_insecure_port(self.args.listen)
+        if port == 0:
+            raise OSError(f"cannot listen on {self.args.listen}")
+        await self.server.start()
+        host, _ = split_host_port(self.args.listen)
+        self.addresses["grpc"] = f"{host}:{port}"
+        admin_host, admin_port = split_host_port(self.args.admin)
+        bound = await self.admin.start(admin_host, admin_port)
+        self.addresses["admin"] = f"{admin_host}:{bound}"
+        if self.args.ready_file:
+            from sidecar.runtime import _write_atomically
+            _write_atomically(self.args.ready_file, json.dumps(self.addresses))
+        log.info("control plane listening: %s (registry: %s)", self.addresses, self.source_name)
+
+    async def _follow_registry(self) -> None:
+        async for _view in self.registry.changes():
+            self.ads.notify_changed()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        await self.ads.close()
+        await self.server.stop(2)
+        await self.registry.stop()
+        self.store.close()
+        await self.admin.close()
+
+    def _ready(self, _query: str) -> Response:
+        if not self.registry.synced:
+            return Response(503, b"registry not synced yet\n")
+        if isinstance(self.store, ConsulKVStore) and not self.store.ready.is_set():
+            return Response(503, b"policies not read from Consul yet\n")
+        return Response(200, b"ready\n")
+
+    def _metrics(self, _query: str) -> Response:
+        body, content_type = self.metrics.render()
+        return Response(200, body, content_type)
+
+
+async def _run(args: argparse.Namespace) -> None:
+    plane = ControlPlane(args)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await plane.start()
+    await stop.wait()
+    await plane.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(_run(args))
+    except (StoreError, ValueError) as exc:
+        print(f"mesh-control-plane: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"mesh-control-plane: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
