@@ -50,9 +50,14 @@ async def follow_control_plane(sidecar: Sidecar, settings: Settings) -> XdsClien
                             settings.zone, tuple(services))
     state_dir = settings.state_dir or default_state_dir(instance_id)
     os.makedirs(state_dir, exist_ok=True)
+    local = static_config.from_flags(settings.service, settings.app, {}, {})
+    if not settings.app:
+        # A sidecar for a client-only app: the control plane's inbound listener still names
+        # the local app cluster; without an app it has no endpoints (calls get UNAVAILABLE).
+        local.clusters.append(static_config.static_cluster(static_config.INBOUND_APP_CLUSTER,
+                                                           []))
     client = XdsClient(settings.control_plane, identity.to_node(), sidecar.apply,
-                       state_dir=state_dir,
-                       local=static_config.from_flags(settings.service, settings.app, {}, {}))
+                       state_dir=state_dir, local=local)
     sidecar.xds = client
     await client.start()
     return client
