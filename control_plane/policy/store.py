@@ -244,6 +244,21 @@ class ChangeStream:
 class _Base:
     def __init__(self) -> None:
         self._notifier = _Notifier()
+        self._publish_lock = threading.RLock()
+        self._published: s.PolicySet | None = None
+
+    def _publish_latest(self) -> None:
+        """Tell subscribers about the current set, unless they have it already.
+
+        Always the current set, read under one lock: two writers finishing in some order (an
+        apply and the watch, say) can never leave subscribers with the older of two sets.
+        """
+        with self._publish_lock:
+            current = self.policy_set()
+            if self._published is not None and current.resources == self._published.resources:
+                return
+            self._published = current
+            self._notifier.publish(current)
 
     def policy_set(self) -> s.PolicySet:
         raise NotImplementedError
@@ -307,6 +322,7 @@ class FileStore(_Base):
             self.close()
             raise
         self._set = s.PolicySet(tuple(self._resources.values()), self._revision)
+        self._published = self._set
 
     @property
     def path(self) -> Path:
@@ -416,7 +432,7 @@ class FileStore(_Base):
                 return out
             self._save(revision, updated)
             self._commit(revision, updated)
-        self._notifier.publish(self._set)
+        self._publish_latest()
         return out
 
     def delete(self, kind: str, name: str,
@@ -429,7 +445,7 @@ class FileStore(_Base):
             revision = self._revision + 1
             self._save(revision, updated)
             self._commit(revision, updated)
-        self._notifier.publish(self._set)
+        self._publish_latest()
         return stored
 
     def _commit(self, revision: int, resources: dict[Key, s.Resource]) -> None:
@@ -481,6 +497,7 @@ class ConsulKVStore(_Base):
         self._backoff = (backoff_base, backoff_max)
         self._lock = threading.RLock()
         self._set = s.PolicySet()
+        self._published = self._set
         self._index = 0
         self._parsed: dict[str, tuple[int, s.Resource | None]] = {}  # key -> (ModifyIndex, r)
         self.ready = threading.Event()
@@ -589,19 +606,14 @@ class ConsulKVStore(_Base):
     def _install(self, index: int, items: Iterable[Mapping[str, Any]], *,
                  force: bool = False) -> dict[Key, tuple[s.Resource, int]]:
         current = self._parse(items)
-        publish = None
         with self._lock:
             self.healthy = True
             self.last_error = ""
             if force or index >= self._index:
-                new = s.PolicySet(tuple(r for r, _ in current.values()), index)
-                if new.resources != self._set.resources:
-                    publish = new
-                self._set = s.PolicySet(new.resources, index)
+                self._set = s.PolicySet(tuple(r for r, _ in current.values()), index)
                 self._index = index
             self.ready.set()
-        if publish is not None:
-            self._notifier.publish(publish)
+        self._publish_latest()
         return current
 
     def _read(self) -> dict[Key, tuple[s.Resource, int]]:

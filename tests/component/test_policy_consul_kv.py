@@ -13,6 +13,7 @@ itself.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import threading
@@ -202,8 +203,6 @@ def test_a_change_by_one_replica_reaches_the_other(
 
 def test_changes_stream_wakes_for_a_write_by_another_replica(
         replicas: tuple[ConsulKVStore, ConsulKVStore]) -> None:
-    import asyncio
-
     a, b = replicas
     wait_for(lambda: b.ready.is_set(), what="first read")
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -588,6 +590,19 @@ def test_canonical_document_round_trips(text: str) -> None:
     assert validate(canonical) == r
     assert validate(json.loads(json.dumps(canonical))) == r
     assert to_document(validate(canonical)) == canonical
+
+
+def test_every_example_in_the_policy_reference_validates() -> None:
+    """docs/policy.md promises that its YAML blocks can be pasted as they are."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "policy.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 8
+    kinds = set()
+    for block in blocks:
+        for r in validate_documents(parse_documents(block)):
+            kinds.add(r.kind)
+            assert validate(to_document(r)) == r
+    assert kinds == set(s.KINDS)
 
 
 # ---------------------------------------------------------------------------------------------
