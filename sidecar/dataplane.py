@@ -42,6 +42,8 @@ class DataPlane:
         rng = rng or random.Random()
         self._routers = {Direction.OUTBOUND: Router(snapshot.outbound, rng),
                          Direction.INBOUND: Router(snapshot.inbound, rng)}
+        # Every cluster balances round robin for now; least_request and ring_hash are accepted
+        # (and shown in /config_dump) and get their own pickers with the traffic-management work.
         self._pickers = {
             name: RoundRobin([pool.get(ep.address) for ep in cluster.endpoints
                               for _ in range(max(1, ep.weight))],

@@ -28,6 +28,8 @@ class Endpoint:
 
 class LbPolicy(Enum):
     ROUND_ROBIN = "round_robin"
+    LEAST_REQUEST = "least_request"
+    RING_HASH = "ring_hash"
 
 
 @dataclass(frozen=True, slots=True)

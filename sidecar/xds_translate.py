@@ -36,7 +36,9 @@ from sidecar.model import (
 
 HCM_TYPE_URL = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager."
                 "v3.HttpConnectionManager")
-_SUPPORTED_LB = {cluster_pb2.Cluster.ROUND_ROBIN: LbPolicy.ROUND_ROBIN}
+_SUPPORTED_LB = {cluster_pb2.Cluster.ROUND_ROBIN: LbPolicy.ROUND_ROBIN,
+                 cluster_pb2.Cluster.LEAST_REQUEST: LbPolicy.LEAST_REQUEST,
+                 cluster_pb2.Cluster.RING_HASH: LbPolicy.RING_HASH}
 
 
 class ConfigError(ValueError):
