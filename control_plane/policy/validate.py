@@ -185,6 +185,11 @@ _StrictLoader.compose_node = _compose_node  # type: ignore[method-assign,assignm
 _StrictLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
     lambda loader, node: _construct_mapping(loader, node))  # type: ignore[arg-type]
+# No policy field is a date: keep `2024-13-01`-like scalars as the strings they look like
+# (PyYAML would build a datetime, or fail with a bare ValueError for an impossible date).
+_StrictLoader.add_constructor(
+    "tag:yaml.org,2002:timestamp",
+    lambda loader, node: loader.construct_scalar(node))  # type: ignore[arg-type]
 
 
 def parse_documents(text: str | bytes) -> list[dict[str, Any]]:
@@ -212,6 +217,11 @@ def parse_documents(text: str | bytes) -> list[dict[str, Any]]:
         raise ValidationError([FieldViolation("", f"malformed YAML: {e}")]) from None
     except RecursionError:
         raise ValidationError([FieldViolation("", "malformed YAML: nesting too deep")]) from None
+    except Exception as e:  # the input is all PyYAML had, so it is the input's fault
+        # PyYAML's scalar constructors fail bare on hostile values: ValueError for `!!int x` or
+        # an integer with more digits than Python converts, IndexError for an empty `!!int`
+        raise ValidationError([FieldViolation(
+            "", f"malformed YAML: bad value ({type(e).__name__}: {e})")]) from None
     docs: list[dict[str, Any]] = []
     violations = []
     for i, doc in enumerate(d for d in raw if d is not None):
@@ -476,7 +486,7 @@ def _retry(c: _Checker, value: Any, path: str) -> s.RetryPolicy:
             got = c.duration(b, _join(bp, "maxInterval"))
             if got is not None and got < base:
                 c.bad(_join(bp, "maxInterval"), f"must be at least baseInterval "
-                      f"({s_fmt(base)}), got {s_fmt(got)}")
+                      f"({format_duration(base)}), got {format_duration(got)}")
             maximum = got or maximum
         backoff = s.RetryBackoff(base_interval=base, max_interval=maximum)
     budget = out.budget
@@ -493,10 +503,6 @@ def _retry(c: _Checker, value: Any, path: str) -> s.RetryPolicy:
         budget = s.RetryBudget(retry_ratio=ratio, min_retries_per_second=floor)
     return s.RetryPolicy(max_attempts=max_attempts, retry_on=retry_on, per_try_timeout=per_try,
                          backoff=backoff, budget=budget)
-
-
-def s_fmt(seconds: float) -> str:
-    return format_duration(seconds)
 
 
 def _circuit_breaker(c: _Checker, value: Any, path: str) -> s.CircuitBreaker:
