@@ -12,11 +12,12 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
 
 from control_plane import policy_api, status_api
-from control_plane.ads_server import SERVER_OPTIONS, AdsServer
+from control_plane.ads_server import SERVER_OPTIONS, AdsServer, ProviderNotReady
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.policy.store import ConsulKVStore, FileStore, PolicyStore, StoreError
 from control_plane.registry.consul import ConsulRegistry
@@ -78,7 +79,9 @@ class ControlPlane:
             self.registry = EmbeddedRegistry(grace=args.grace)
             self.store = FileStore(os.path.join(args.state_dir, "policies.json"))
             self.source_name = "embedded"
-        self.ads = AdsServer(TranslationProvider(self.registry.view, self.store.policy_set),
+        self.ads = AdsServer(_UntilReady(TranslationProvider(self.registry.view,
+                                                             self.store.policy_set),
+                                         self._not_ready),
                              on_connect=self._announce, on_disconnect=self._withdraw)
         self.metrics = ControlPlaneMetrics(self.ads, {self.source_name: self.registry},
                                            self.store)
@@ -108,6 +111,7 @@ class ControlPlane:
 
         self._unsubscribe = self.store.on_change(policies_changed)
         self._tasks.append(loop.create_task(self._follow_registry()))
+        self._tasks.append(loop.create_task(self._notify_when_ready()))
         self.ads.add_to_server(self.server)
         policy_api.add_to_server(self.server, self.store)
         status_api.add_to_server(self.server, self.ads.proxy_status,
@@ -130,6 +134,12 @@ class ControlPlane:
         async for _view in self.registry.changes():
             self.ads.notify_changed()
 
+    async def _notify_when_ready(self) -> None:
+        """Push once the registry and the policies have first been read (see _not_ready)."""
+        while self._not_ready() is not None:  # noqa: ASYNC110 - set by other threads
+            await asyncio.sleep(0.1)
+        self.ads.notify_changed()
+
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
@@ -142,16 +152,45 @@ class ControlPlane:
         self.store.close()
         await self.admin.close()
 
-    def _ready(self, _query: str) -> Response:
+    def _not_ready(self) -> str | None:
+        """Why config must not be pushed yet: pushing before the first read of the registry
+        or the policies would take endpoints or policies away from every sidecar."""
         if not self.registry.synced:
-            return Response(503, b"registry not synced yet\n")
+            return "registry not synced yet"
         if isinstance(self.store, ConsulKVStore) and not self.store.ready.is_set():
-            return Response(503, b"policies not read from Consul yet\n")
+            return "policies not read from Consul yet"
+        return None
+
+    def _ready(self, _query: str) -> Response:
+        reason = self._not_ready()
+        if reason is not None:
+            return Response(503, f"{reason}\n".encode())
         return Response(200, b"ready\n")
 
     def _metrics(self, _query: str) -> Response:
         body, content_type = self.metrics.render()
         return Response(200, body, content_type)
+
+
+class _UntilReady:
+    """The translation provider, refusing to answer while the inputs are not known yet."""
+
+    def __init__(self, provider: TranslationProvider, not_ready: Callable[[], str | None]
+                 ) -> None:
+        self._provider = provider
+        self._not_ready = not_ready
+
+    def resources_for(self, node: Any, type_url: str, names: Any) -> Any:
+        reason = self._not_ready()
+        if reason is not None:
+            raise ProviderNotReady(reason)
+        return self._provider.resources_for(node, type_url, names)
+
+    def share_key(self, node: Any, type_url: str) -> str:
+        return self._provider.share_key(node, type_url)
+
+    def revision(self) -> int:
+        return self._provider.revision()
 
 
 async def _run(args: argparse.Namespace) -> None:

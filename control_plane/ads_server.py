@@ -93,6 +93,11 @@ class _Failed:
 _FAILED = _Failed()
 
 
+class ProviderNotReady(Exception):
+    """The provider cannot say yet what to send (e.g. policies not read from Consul): streams
+    keep what they have, and notify_changed() once it can."""
+
+
 @dataclass
 class AdsCounters:
     """Totals since start, for /metrics."""
@@ -311,6 +316,10 @@ class AdsServer:
             revision = int(self._revision()) if self._revision is not None else 0
             resources = self._provider.resources_for(node, type_url, names)
             return _prepare(type_url, resources, names, revision)
+        except ProviderNotReady as exc:
+            log.info("not pushing %s to %s yet: %s", SHORT_NAMES.get(type_url, type_url),
+                     node.id, exc)
+            return _FAILED
         except Exception:
             self.counters.provider_errors += 1
             log.exception("cannot compute %s for node %s: the stream keeps what it has",
