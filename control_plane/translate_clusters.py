@@ -147,8 +147,10 @@ def _outlier_detection(cluster: cluster_pb2.Cluster, policy: TrafficPolicy) -> N
         out.enforcing_consecutive_5xx.value = 100
     else:
         out.enforcing_consecutive_5xx.value = 0
-    out.interval.CopyFrom(duration(od.interval))
-    out.base_ejection_time.CopyFrom(duration(od.base_ejection_time))
+    if od.interval > 0:  # Envoy requires both > 0; unset means its defaults (10 s, 30 s)
+        out.interval.CopyFrom(duration(od.interval))
+    if od.base_ejection_time > 0:
+        out.base_ejection_time.CopyFrom(duration(od.base_ejection_time))
     out.max_ejection_percent.value = min(100, max(0, od.max_ejection_percent))
     out.enforcing_success_rate.value = 0
     fp = od.failure_percentage

@@ -191,13 +191,13 @@ def _retry(out: rc_pb2.RetryPolicy, retry: RetryPolicy) -> None:
 
 
 def _has_fault(fault: Fault) -> bool:
-    return fault.delay is not None or fault.abort is not None
+    return (fault.delay is not None and fault.delay.fixed_delay > 0) or fault.abort is not None
 
 
 def _fault(fault: Fault) -> fault_pb2.HTTPFault:
     out = fault_pb2.HTTPFault()
-    if fault.delay is not None:
-        out.delay.fixed_delay.CopyFrom(duration(max(fault.delay.fixed_delay, 0)))
+    if fault.delay is not None and fault.delay.fixed_delay > 0:  # Envoy: fixed_delay > 0
+        out.delay.fixed_delay.CopyFrom(duration(fault.delay.fixed_delay))
         out.delay.percentage.CopyFrom(fractional_percent(fault.delay.percent))
     if fault.abort is not None:
         out.abort.grpc_status = STATUS_CODES.get(fault.abort.code, STATUS_CODES["UNAVAILABLE"])

@@ -100,7 +100,8 @@ def traffic_policies(draw, service: str) -> s.TrafficPolicy:
             max_pending_requests=st.integers(1, 10)))),
         outlier_detection=draw(st.one_of(st.none(), st.builds(
             s.OutlierDetection, consecutive_errors=st.integers(0, 10),
-            interval=st.sampled_from([0.1, 10.0]), base_ejection_time=st.sampled_from([1.0, 30.0]),
+            interval=st.sampled_from([0.0, 0.1, 10.0]),
+            base_ejection_time=st.sampled_from([0.0, 30.0]),
             max_ejection_percent=st.integers(0, 100),
             failure_percentage=st.one_of(st.none(), st.builds(
                 s.FailurePercentage, threshold=st.integers(0, 100),

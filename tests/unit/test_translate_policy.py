@@ -217,6 +217,11 @@ def test_fault_per_route_and_the_filter_is_always_on_the_listeners():
     config = unpack_any(vhost.routes[0].typed_per_filter_config["envoy.filters.http.fault"])
     assert not config.HasField("delay") and config.abort.grpc_status == 7
     assert config.abort.percentage.numerator == 100
+    # Envoy rejects a zero fixed_delay: no delay at all, and no fault if nothing is left
+    zero = s.Fault(delay=s.FaultDelay(fixed_delay=0.0, percent=50))
+    vhost = outbound_vhost(policies(orders_policy(routes=(dataclasses.replace(
+        SPLIT, fault=zero),))))
+    assert not any(r.typed_per_filter_config for r in vhost.routes)
 
 
 def test_ring_hash_cluster_and_hash_policy_on_every_route_to_the_service():
@@ -280,8 +285,10 @@ def test_outlier_detection_mapping():
             out.failure_percentage_request_volume.value) == (80, 3, 20)
     assert out.enforcing_consecutive_gateway_failure.value == 0
     plain = cluster(policies(orders_policy(
-        outlier_detection=s.OutlierDetection(consecutive_errors=0)))).outlier_detection
+        outlier_detection=s.OutlierDetection(consecutive_errors=0, interval=0,
+                                             base_ejection_time=0)))).outlier_detection
     assert not plain.HasField("consecutive_5xx") and plain.enforcing_consecutive_5xx.value == 0
+    assert not plain.HasField("interval") and not plain.HasField("base_ejection_time")
     assert not plain.HasField("enforcing_failure_percentage")
 
 

@@ -17,8 +17,9 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.type.v3 import percent_pb2
-from google.protobuf import any_pb2, symbol_database
+from google.protobuf import any_pb2, duration_pb2, symbol_database
 from google.protobuf.message import Message
+from validate import validate_pb2
 
 from control_plane.policy import schema as s
 from control_plane.registry.model import Instance, RegistryView
@@ -82,6 +83,7 @@ def parsed_back(resources: Mapping[str, Message], type_url: str) -> dict[str, Me
         assert getattr(again, "name", None) or getattr(again, "cluster_name", None) == name
         for nested in nested_anys(again):
             unpack_any(nested)
+        assert pgv_violations(again) == [], name
         out[name] = again
     return out
 
@@ -110,6 +112,118 @@ def nested_anys(msg: Message) -> Iterator[any_pb2.Any]:
                 yield from nested_anys(unpack_any(item))
             else:
                 yield from nested_anys(item)
+
+
+_NUMERIC_RULES = ("float", "double", "int32", "int64", "uint32", "uint64", "sint32", "sint64",
+                  "fixed32", "fixed64", "sfixed32", "sfixed64")
+
+
+def pgv_violations(msg: Message, path: str = "") -> list[str]:
+    """The protoc-gen-validate rules in the xDS protos that Envoy enforces on load (required
+    fields and oneofs, string lengths, item counts, numeric and duration bounds), checked
+    through every nested message and Any. (Enums need no check: Python messages only hold
+    defined values for the closed enums we set.)"""
+    out: list[str] = []
+    desc = msg.DESCRIPTOR
+    for oneof in desc.oneofs:
+        opts = oneof.GetOptions()
+        if (opts.HasExtension(validate_pb2.required) and opts.Extensions[validate_pb2.required]
+                and msg.WhichOneof(oneof.name) is None):
+            out.append(f"{path}.{oneof.name}: one of it is required")
+    for field in desc.fields:
+        fpath = f"{path}.{field.name}"
+        opts = field.GetOptions()
+        oneof = field.containing_oneof
+        if oneof is not None and msg.WhichOneof(oneof.name) != field.name:
+            continue  # only the member that is set is validated
+        if opts.HasExtension(validate_pb2.rules):
+            out.extend(_field_violations(msg, field, opts.Extensions[validate_pb2.rules], fpath))
+        if field.message_type is None:
+            continue
+        value = getattr(msg, field.name)
+        if field.message_type.GetOptions().map_entry:
+            items = [v for v in value.values() if isinstance(v, Message)]
+        elif field.is_repeated:
+            items = list(value)
+        else:
+            items = [value] if msg.HasField(field.name) else []
+        for i, item in enumerate(items):
+            where = f"{fpath}[{i}]" if field.is_repeated else fpath
+            out.extend(pgv_violations(unpack_any(item) if isinstance(item, any_pb2.Any)
+                                      else item, where))
+    return out
+
+
+def _field_violations(msg: Message, field, rules: validate_pb2.FieldRules, path: str
+                      ) -> list[str]:
+    kind = rules.WhichOneof("type")
+    if kind is None:
+        return []
+    value = getattr(msg, field.name)
+    if kind == "message":
+        if rules.message.required and not msg.HasField(field.name):
+            return [f"{path}: required"]
+        return []
+    if kind == "repeated":
+        n = len(value)
+        out = []
+        if rules.repeated.HasField("min_items") and n < rules.repeated.min_items:
+            out.append(f"{path}: needs at least {rules.repeated.min_items} items")
+        if rules.repeated.HasField("max_items") and n > rules.repeated.max_items:
+            out.append(f"{path}: at most {rules.repeated.max_items} items")
+        if rules.repeated.HasField("items") and field.message_type is None:
+            for i, item in enumerate(value):
+                out.extend(_value_violations(item, rules.repeated.items, f"{path}[{i}]"))
+        return out
+    if kind == "map":
+        if rules.map.HasField("min_pairs") and len(value) < rules.map.min_pairs:
+            return [f"{path}: needs at least {rules.map.min_pairs} entries"]
+        return []
+    if kind == "duration":
+        if not msg.HasField(field.name):
+            return [f"{path}: required"] if rules.duration.required else []
+        return _value_violations(value, rules, path)
+    if kind == "any":
+        return [f"{path}: required"] if rules.any.required and not msg.HasField(field.name) \
+            else []
+    if field.message_type is not None:  # a wrapper (UInt32Value...): checked when set
+        assert field.message_type.full_name.startswith("google.protobuf."), (path, kind)
+        if not msg.HasField(field.name):
+            return []
+        value = value.value
+    return _value_violations(value, rules, path)
+
+
+def _value_violations(value, rules: validate_pb2.FieldRules, path: str) -> list[str]:
+    kind = rules.WhichOneof("type")
+    out = []
+    if kind == "string":
+        r = rules.string
+        if r.HasField("min_len") and len(value) < r.min_len:
+            out.append(f"{path}: at least {r.min_len} characters")
+        if r.HasField("max_len") and len(value) > r.max_len:
+            out.append(f"{path}: at most {r.max_len} characters")
+        if r.HasField("min_bytes") and len(value.encode()) < r.min_bytes:
+            out.append(f"{path}: at least {r.min_bytes} bytes")
+    elif kind in _NUMERIC_RULES or kind == "duration":
+        r = getattr(rules, kind)
+        if kind == "duration":
+            assert isinstance(value, duration_pb2.Duration)
+            number = value.ToNanoseconds()
+
+            def bound(name: str) -> float:
+                return getattr(r, name).ToNanoseconds()
+        else:
+            number = value
+
+            def bound(name: str) -> float:
+                return getattr(r, name)
+        checks = (("gt", lambda b: number > b), ("gte", lambda b: number >= b),
+                  ("lt", lambda b: number < b), ("lte", lambda b: number <= b))
+        for name, ok in checks:
+            if r.HasField(name) and not ok(bound(name)):
+                out.append(f"{path}: {number} violates {name} {bound(name)}")
+    return out
 
 
 def all_types(view: RegistryView, pol: s.PolicySet | None, node: NodeInfo
@@ -186,3 +300,20 @@ def test_parsed_back_checks_nested_anys():
             "HttpConnectionManager") in found
     assert "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" in found
     assert parsed_back(listeners, LISTENER_TYPE).keys() == listeners.keys()
+
+
+def test_pgv_checker_finds_what_envoy_would_reject():
+    from envoy.extensions.filters.http.fault.v3 import fault_pb2
+
+    bad = fault_pb2.HTTPFault()
+    bad.delay.fixed_delay.CopyFrom(duration(0))
+    bad.delay.percentage.numerator = 1
+    assert pgv_violations(bad) == [".delay.fixed_delay: 0 violates gt 0"]
+    cluster = cluster_pb2.Cluster()
+    assert ".name: at least 1 characters" in pgv_violations(cluster)
+    cluster.outlier_detection.max_ejection_percent.value = 101
+    assert any("max_ejection_percent" in v for v in pgv_violations(cluster))
+    listener = listener_pb2.Listener(name="l")
+    chain = listener.filter_chains.add()
+    chain.filters.add(name="hcm").typed_config.CopyFrom(pack(hcm_pb2.HttpConnectionManager()))
+    assert any("stat_prefix" in v for v in pgv_violations(listener))  # inside an Any
