@@ -1,11 +1,16 @@
-"""`make demo`: the shop, one sidecar per instance, and a load generator showing live progress.
+"""`make demo`: the shop on the control plane, one sidecar per instance, and a load generator
+showing live progress.
 
     python -m demo_services.run [--duration S] [--rps N] [--payments-fail-rate F] ...
 
-Starts every app instance and its sidecar on 127.0.0.1 with kernel-chosen ports (the order is
-explained in topology.py), waits for all their ready files, then drives the frontend through a
-"client" sidecar. Ctrl-C or SIGTERM (or --duration) stops the load, then the processes,
-callers before callees, and exits 0. Logs and ready files go to --workdir (default .demo/).
+Starts the control plane, then every app instance and its sidecar (following the control plane
+over ADS) on 127.0.0.1 with kernel-chosen ports (the order is explained in topology.py), waits
+until every calling sidecar has endpoints for all the instances it calls, prints the control
+plane's address and meshctl commands to try (a 90/10 split of payments between v1 and v2), then
+drives the frontend through a "client" sidecar. Ctrl-C or SIGTERM (or --duration) stops the
+load, then the processes, callers before callees and the control plane last, and exits 0. Logs,
+ready files and state (policies, sidecar snapshots; wiped at start) go to --workdir (default
+.demo/).
 """
 
 from __future__ import annotations
@@ -17,9 +22,12 @@ import fcntl
 import json
 import os
 import shlex
+import shutil
 import signal
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +37,18 @@ from demo_services.stats import format_summary
 from demo_services.supervisor import Child, StartupError, stop_group, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
+CONTROL_PLANE = "control-plane"  # its process name (logs/, ready/, state/)
+SPLIT_POLICY = ROOT / "demo_services" / "policies" / "payments-split.yaml"
+
+
+def fetch_clusters(admin: str) -> dict[str, Any]:
+    """A sidecar's /clusters (cluster -> lb policy and endpoints); {} while it cannot answer."""
+    try:
+        with urllib.request.urlopen(f"http://{admin}/clusters", timeout=2) as response:
+            doc = json.load(response)
+    except (OSError, urllib.error.URLError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -48,6 +68,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sidecar-arg", action="append", default=[], metavar="ARG",
                    help="extra flag for every sidecar (repeatable), e.g. --sidecar-arg="
                         "--log-level=WARNING")
+    p.add_argument("--control-plane-arg", action="append", default=[], metavar="ARG",
+                   help="extra flag for the control plane (repeatable), e.g. "
+                        "--control-plane-arg=--log-level=DEBUG")
     p.add_argument("--summary-json", help="write the run's totals and processes here at exit")
     p.add_argument("--ready-timeout", type=float, default=60.0,
                    help="seconds each start-up step may take")
@@ -87,17 +110,26 @@ class Demo:
         # Start groups, in start order; stopped in reverse.
         self.groups: list[list[Child]] = []
         self.inbound: dict[str, list[str]] = {}  # mesh service -> its sidecars' inbound
+        self.control_plane = ""  # its gRPC address (ADS, policy and status APIs)
+        self.control_plane_admin = ""
 
     def _ready_path(self, name: str) -> Path:
         return self.workdir / "ready" / f"{name}.json"
+
+    def _state_path(self, name: str) -> Path:
+        return self.workdir / "state" / name
 
     def _spawn(self, name: str, argv: list[str]) -> Child:
         return Child(name, argv, workdir=self.workdir, ready_file=self._ready_path(name),
                      env=self.env, cwd=ROOT)
 
-    async def _start_group(self, specs: list[tuple[str, list[str]]]) -> list[Child] | None:
+    def _spawn_group(self, specs: list[tuple[str, list[str]]]) -> list[Child]:
         group = [self._spawn(name, argv) for name, argv in specs]
         self.groups.append(group)
+        return group
+
+    async def _start_group(self, specs: list[tuple[str, list[str]]]) -> list[Child] | None:
+        group = self._spawn_group(specs)
         ok = await wait_ready(group, self.stop, timeout=self.args.ready_timeout)
         return group if ok else None
 
@@ -107,7 +139,18 @@ class Demo:
     async def start(self) -> str | None:
         """Start everything; returns the client sidecar's outbound address (None: interrupted)."""
         (self.workdir / "ready").mkdir(parents=True, exist_ok=True)
-        apps: dict[str, Child] = {}
+        # Every run starts from a clean mesh: no policy applied in an earlier run, no sidecar
+        # snapshot naming the ports of processes long gone.
+        await asyncio.to_thread(shutil.rmtree, self.workdir / "state", True)
+        group = await self._start_group([(CONTROL_PLANE, topology.control_plane_argv(
+            state_dir=str(self._state_path(CONTROL_PLANE)),
+            ready_file=str(self._ready_path(CONTROL_PLANE)),
+            extra=self.args.control_plane_arg))])
+        if group is None:
+            return None
+        self.control_plane = group[0].addresses["grpc"]
+        self.control_plane_admin = group[0].addresses["admin"]
+
         app_specs = []
         for spec in self.shop.services:
             for inst in spec.instance_ids():
@@ -119,37 +162,83 @@ class Demo:
             return None
         apps = {c.name: c for c in group}
 
+        # All sidecars at once: none needs another's address any more. One group per tier,
+        # callees first, so that shutdown (reverse order) stops callers before callees.
+        sidecars: list[Child] = []
         for tier in self.shop.tiers():
             specs = []
             for spec in tier:
-                upstreams = {callee: self.inbound[callee] for callee in spec.calls}
-                for inst in spec.instance_ids():
-                    specs.append((f"sidecar-{inst}", topology.sidecar_argv(
-                        self.sidecar_cmd, service=spec.name,
-                        app=apps[inst].addresses["server"], upstreams=upstreams,
-                        routes=self.shop.routes(spec.calls),
-                        ready_file=str(self._ready_path(f"sidecar-{inst}")),
-                        extra=self.args.sidecar_arg)))
-            group = await self._start_group(specs)
-            if group is None:
-                return None
-            for spec in tier:
-                self.inbound[spec.name] = [
-                    c.addresses["inbound"] for c in group
-                    if c.name.startswith(f"sidecar-{spec.name}-")]
-
-        calls = self.shop.client_calls
+                for inst, version in spec.instances_with_versions():
+                    name = f"sidecar-{inst}"
+                    specs.append((name, self._sidecar_argv(
+                        name, service=spec.name, instance_id=inst, version=version,
+                        app=apps[inst].addresses["server"], grpc_services=[spec.grpc_service])))
+            sidecars += self._spawn_group(specs)
         client = f"sidecar-{topology.CLIENT_SERVICE}"
-        group = await self._start_group([(client, topology.sidecar_argv(
-            self.sidecar_cmd, service=topology.CLIENT_SERVICE, app=None,
-            upstreams={c: self.inbound[c] for c in calls}, routes=self.shop.routes(calls),
-            ready_file=str(self._ready_path(client)), extra=self.args.sidecar_arg))])
-        if group is None:
+        sidecars += self._spawn_group([(client, self._sidecar_argv(
+            client, service=topology.CLIENT_SERVICE, instance_id=f"{topology.CLIENT_SERVICE}-1",
+            app=None))])
+        if not await wait_ready(sidecars, self.stop, timeout=self.args.ready_timeout):
+            return None
+        for spec in self.shop.services:
+            self.inbound[spec.name] = [
+                c.addresses["inbound"] for c in sidecars
+                if c.name.startswith(f"sidecar-{spec.name}-")]
+        if not await self._wait_converged(sidecars):
             return None
         addresses = {c.name: c.addresses for c in self.children()}
         await asyncio.to_thread((self.workdir / "addresses.json").write_text,
                                 json.dumps(addresses, indent=2))
-        return group[0].addresses["outbound"]
+        return sidecars[-1].addresses["outbound"]
+
+    def _sidecar_argv(self, name: str, *, service: str, instance_id: str, app: str | None,
+                      version: str = "", grpc_services: Sequence[str] = ()) -> list[str]:
+        return topology.sidecar_argv(
+            self.sidecar_cmd, service=service, app=app, control_plane=self.control_plane,
+            instance_id=instance_id, version=version, grpc_services=grpc_services,
+            ready_file=str(self._ready_path(name)), state_dir=str(self._state_path(name)),
+            extra=self.args.sidecar_arg)
+
+    async def _wait_converged(self, sidecars: list[Child]) -> bool:
+        """Wait until every calling sidecar has endpoints for every instance of the services its
+        app calls (its /clusters), so the load starts on a complete mesh. A sidecar is ready
+        with its first config, which may predate instances that announced themselves later."""
+        expected: dict[str, dict[str, set[str]]] = {}  # admin address -> cluster -> endpoints
+        by_name = {c.name: c for c in sidecars}
+        callers = [(spec.name, spec.calls, spec.instance_ids()) for spec in self.shop.services]
+        callers.append((topology.CLIENT_SERVICE, self.shop.client_calls,
+                        [topology.CLIENT_SERVICE]))
+        for _service, calls, instances in callers:
+            for inst in instances:
+                if not calls:
+                    continue
+                admin = by_name[f"sidecar-{inst}"].addresses["admin"]
+                expected[admin] = {c: set(self.inbound[c]) for c in calls}
+        deadline = time.monotonic() + self.args.ready_timeout
+        pending = dict(expected)
+        while pending:
+            if self.stop.is_set():
+                return False
+            for child in sidecars:
+                if not child.alive():
+                    raise StartupError(f"{child.name} exited with {child.proc.returncode} "
+                                       f"while the mesh converged:\n{child.log_tail()}")
+            done = []
+            for admin, want in pending.items():
+                clusters = await asyncio.to_thread(fetch_clusters, admin)
+                if all({e["address"] for e in clusters.get(name, {}).get("endpoints", [])}
+                       == addresses for name, addresses in want.items()):
+                    done.append(admin)
+            for admin in done:
+                del pending[admin]
+            if pending and time.monotonic() > deadline:
+                raise StartupError(
+                    f"the mesh did not converge within {self.args.ready_timeout:.0f}s: "
+                    f"sidecars with admin {', '.join(pending)} lack endpoints (see "
+                    f"{self.workdir / 'logs'})")
+            if pending:
+                await asyncio.sleep(0.1)
+        return True
 
     def dead_children(self) -> list[Child]:
         return [c for c in self.children() if not c.alive()]
@@ -166,13 +255,42 @@ class Demo:
         for tier in reversed(self.shop.tiers()):
             for spec in tier:
                 calls = f" -> {', '.join(spec.calls)}" if spec.calls else ""
-                lines.append(f"  {spec.name:9} {spec.instances} instance(s), sidecar inbound "
-                             f"{', '.join(self.inbound[spec.name])}{calls}")
+                versions = {v for _, v in spec.instances_with_versions()}
+                labels = (" (" + ", ".join(f"{i} {v}" for i, v in spec.instances_with_versions())
+                          + ")") if len(versions) > 1 else ""
+                lines.append(f"  {spec.name:9} {spec.instances} instance(s){labels}, sidecar "
+                             f"inbound {', '.join(self.inbound[spec.name])}{calls}")
         lines.append(f"  load generator -> client sidecar {target} -> frontend")
         admin = self.children()[-1].addresses.get("admin")
         lines.append(f"every process's addresses: {self.workdir / 'addresses.json'} "
                      f"(e.g. curl http://{admin}/clusters)")
+        lines.append(f"control plane: {self.control_plane} (ADS, policy and status APIs; "
+                     f"metrics http://{self.control_plane_admin}/metrics)")
+        meshctl = meshctl_command(self.control_plane)
+        lines.append("try, from another terminal (the payments counts below then move to about "
+                     "90/10):")
+        lines.append(f"  {meshctl} apply -f {_shown(SPLIT_POLICY)}")
+        lines.append(f"  {meshctl} proxy-status")
+        lines.append(f"  {meshctl} delete TrafficPolicy payments")
         return "\n".join(lines)
+
+
+def meshctl_command(control_plane: str) -> str:
+    """How to run meshctl from this checkout: the venv's console script when installed."""
+    script = Path(sys.executable).parent / "meshctl"
+    if script.exists():
+        base = _shown(script)
+    else:
+        base = f"{_shown(Path(sys.executable))} -m control_plane.cli"
+    return f"{base} --control-plane {control_plane}"
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the checkout when it is inside it (shorter to copy)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return shlex.quote(str(path))
 
 
 async def watch_children(demo: Demo, failed: list[str],

@@ -2,17 +2,18 @@
 
 Pure: no processes here, so the wiring can be read (and tested) in one place.
 
-Port choice: every process binds port 0 and reports its addresses in a ready file. The order
-follows the call graph: all apps first (apps that call out learn their sidecar's outbound
-address from that sidecar's ready file at their first call); then the sidecars, callees before
-callers, because a sidecar's --upstream flags name the inbound addresses of the sidecars of the
-services it calls; last the load generator's own "client" sidecar.
+Port choice: every process binds port 0 and reports its addresses in a ready file. The control
+plane starts first (every sidecar needs its address); then all apps (apps that call out learn
+their sidecar's outbound address from that sidecar's ready file at their first call); then one
+sidecar per instance plus the load generator's own "client" sidecar. Sidecars need no upstream
+flags: each announces its instance (service, version, gRPC service) on its ADS stream and gets
+routes and endpoints for the rest of the shop from the control plane.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 CLIENT_SERVICE = "loadgen"
@@ -26,9 +27,21 @@ class ServiceSpec:
     calls: tuple[str, ...] = ()  # mesh services it calls
     instances: int = 1
     app_args: tuple[str, ...] = ()  # extra flags for every instance of the app
+    # Version label of each instance, in instance order (TrafficPolicy subsets select on it);
+    # instances beyond the tuple get its last entry, an empty tuple means "v1" for all.
+    versions: tuple[str, ...] = ()
 
     def instance_ids(self) -> list[str]:
         return [f"{self.name}-{i}" for i in range(1, self.instances + 1)]
+
+    def version_of(self, index: int) -> str:
+        """Version label of the instance at `index` (0-based)."""
+        if not self.versions:
+            return "v1"
+        return self.versions[min(index, len(self.versions) - 1)]
+
+    def instances_with_versions(self) -> list[tuple[str, str]]:
+        return [(inst, self.version_of(i)) for i, inst in enumerate(self.instance_ids())]
 
 
 @dataclass(frozen=True)
@@ -58,9 +71,14 @@ class Shop:
             remaining = [s for s in remaining if s.name not in placed]
         return tiers
 
-    def routes(self, calls: Sequence[str]) -> dict[str, str]:
-        """gRPC service -> mesh service, for a sidecar whose app calls `calls`."""
-        return {self.by_name[c].grpc_service: c for c in calls}
+
+def payments_versions(instances: int) -> tuple[str, ...]:
+    """payments-1 .. payments-(n-1) run v1 and the last one v2, so that a TrafficPolicy split
+    between the two (demo_services/policies/payments-split.yaml) has something to split; a
+    single instance is v1."""
+    if instances < 2:
+        return ("v1",)
+    return ("v1",) * (instances - 1) + ("v2",)
 
 
 def shop(*, payments: int = 2, catalog: int = 2, payments_fail_rate: float = 0.0,
@@ -72,7 +90,7 @@ def shop(*, payments: int = 2, catalog: int = 2, payments_fail_rate: float = 0.0
                     instances=catalog),
         ServiceSpec("cart", "demo_services.cart", f"{pkg}.CartService"),
         ServiceSpec("payments", "demo_services.payments", f"{pkg}.PaymentService",
-                    instances=payments,
+                    instances=payments, versions=payments_versions(payments),
                     app_args=("--fail-rate", str(payments_fail_rate),
                               "--delay-ms", str(payments_delay_ms))),
         ServiceSpec("orders", "demo_services.orders", f"{pkg}.OrderService",
@@ -91,15 +109,29 @@ def app_argv(spec: ServiceSpec, instance: str, ready_file: str,
     return argv
 
 
+def control_plane_argv(*, state_dir: str, ready_file: str,
+                       extra: Sequence[str] = ()) -> list[str]:
+    """The control plane with the embedded registry (sidecars announce themselves) and its
+    policy file under `state_dir`."""
+    return [sys.executable, "-m", "control_plane", "--listen", "127.0.0.1:0",
+            "--admin", "127.0.0.1:0", "--state-dir", state_dir, "--ready-file", ready_file,
+            *extra]
+
+
 def sidecar_argv(sidecar_cmd: Sequence[str], *, service: str, app: str | None,
-                 upstreams: Mapping[str, Sequence[str]], routes: Mapping[str, str],
-                 ready_file: str, extra: Sequence[str] = ()) -> list[str]:
+                 control_plane: str, instance_id: str, ready_file: str, state_dir: str,
+                 version: str = "", grpc_services: Sequence[str] = (),
+                 extra: Sequence[str] = ()) -> list[str]:
+    """A sidecar following the control plane. The gRPC services are given rather than found
+    by reflection: the topology knows them, and the demo then starts without a round trip."""
     argv = [*sidecar_cmd, "--service", service, "--outbound", "127.0.0.1:0",
-            "--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--ready-file", ready_file]
+            "--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--ready-file", ready_file,
+            "--control-plane", control_plane, "--instance-id", instance_id,
+            "--state-dir", state_dir]
     if app:
         argv += ["--app", app]
-    for name, addrs in upstreams.items():
-        argv += ["--upstream", f"{name}={','.join(addrs)}"]
-    for grpc_service, name in routes.items():
-        argv += ["--route", f"{grpc_service}={name}"]
+    if version:
+        argv += ["--version", version]
+    for name in grpc_services:
+        argv += ["--grpc-service", name]
     return [*argv, *extra]

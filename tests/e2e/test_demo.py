@@ -1,5 +1,6 @@
-"""The demo (`make demo`) end to end: the shop's services behind their sidecars, driven by the
-load generator, and stopped cleanly by --duration, SIGINT or SIGTERM without leaving processes.
+"""The demo (`make demo`) end to end: the shop's services behind sidecars that follow the control
+plane, driven by the load generator, a TrafficPolicy applied with meshctl mid-run, and a clean
+stop by --duration, SIGINT or SIGTERM without leaving processes.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -87,10 +89,10 @@ def test_demo_runs_calls_end_to_end_through_sidecars_and_stops_clean(tmp_path: P
     assert set(summary["served"]["catalog"]) == {"catalog-1", "catalog-2"}, output
     assert all(n > 0 for n in summary["served"]["payments"].values()), output
 
-    # 7 app instances and 8 sidecars (one per instance plus the load generator's), each
-    # stopped by SIGTERM and exiting 0 by itself, none left running.
+    # The control plane, 7 app instances and 8 sidecars (one per instance plus the load
+    # generator's), each stopped by SIGTERM and exiting 0 by itself, none left running.
     names = {p["name"] for p in summary["processes"]}
-    assert len(names) == 15 and "sidecar-loadgen" in names, names
+    assert len(names) == 16 and {"sidecar-loadgen", "control-plane"} <= names, names
     assert all(p["returncode"] == 0 for p in summary["processes"]), summary["processes"]
     assert "SIGKILL" not in output, output
     assert _processes_mentioning(str(workdir)) == {}
@@ -108,7 +110,7 @@ def test_sigint_mid_run_stops_everything_and_exits_0(tmp_path: Path) -> None:
 
         wait_for(progressed, timeout=60, interval=0.1, what="the demo's first successful calls")
         children = _processes_mentioning(str(workdir), exclude=proc.pid)
-        assert len(children) == 15, children
+        assert len(children) == 16, children
         proc.send_signal(signal.SIGINT)
         code = _wait_exit(proc, log, timeout=60)
     finally:
@@ -139,6 +141,99 @@ def test_sigterm_during_startup_leaves_no_processes(tmp_path: Path) -> None:
     output = log.read_text(errors="replace")
     assert code == 0, output
     assert "load:" not in output, "the load should never have started"
+    assert _processes_mentioning(str(workdir)) == {}
+
+
+def _progress_counts(output: str, service: str) -> list[dict[str, int]]:
+    """The per-instance counts of `service` on every progress line so far ("payments 1:4 2:5"
+    is {"payments-1": 4, "payments-2": 5}); lines before its first call are skipped."""
+    found = []
+    for line in output.splitlines():
+        if not PROGRESS.search(line):
+            continue
+        for part in line.split(" | "):
+            name, _, counts = part.strip().partition(" ")
+            if name == service:
+                found.append({f"{service}-{k}": int(v) for k, v in
+                              (c.split(":") for c in counts.split())})
+    return found
+
+
+def _http_json(address: str, path: str) -> dict:
+    with urllib.request.urlopen(f"http://{address}{path}", timeout=5) as response:
+        return json.load(response)
+
+
+def test_meshctl_applies_the_demo_split_and_the_load_follows_it(tmp_path: Path) -> None:
+    proc, workdir, log = _start_demo(tmp_path, "--rps", "40")
+    try:
+        def output() -> str:
+            if proc.poll() is not None:
+                raise AssertionError(f"demo exited early:\n{log.read_text(errors='replace')}")
+            return log.read_text(errors="replace")
+
+        # Both versions serve while no policy is applied (round robin).
+        wait_for(lambda: any(len(c) == 2 and min(c.values()) > 0
+                             for c in _progress_counts(output(), "payments")),
+                 timeout=60, interval=0.1, what="both payments instances serving")
+        addresses = json.loads((workdir / "addresses.json").read_text())
+        printed = output()
+        control_plane = addresses["control-plane"]["grpc"]
+        assert f"--control-plane {control_plane} apply -f " in printed, printed
+        policy = ROOT / "demo_services" / "policies" / "payments-split.yaml"
+        assert str(policy.relative_to(ROOT)) in printed, printed
+
+        applied = subprocess.run(
+            [sys.executable, "-m", "control_plane.cli", "--control-plane", control_plane,
+             "apply", "-f", str(policy)],
+            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=30)
+        assert applied.returncode == 0, applied.stdout + applied.stderr
+        assert "payments" in applied.stdout, applied.stdout
+
+        # orders' sidecar (the caller of payments) runs the split: meshctl says it ACKed the
+        # policy's version, and its clusters include both subsets, each with its one instance.
+        orders_admin = addresses["sidecar-orders-1"]["admin"]
+        inbound = {addresses[f"sidecar-payments-{i}"]["inbound"] for i in (1, 2)}
+
+        def split_active() -> bool:
+            described = subprocess.run(
+                [sys.executable, "-m", "control_plane.cli", "--control-plane", control_plane,
+                 "describe", "TrafficPolicy", "payments"],
+                cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=30)
+            assert described.returncode == 0, described.stdout + described.stderr
+            orders = [line for line in described.stdout.splitlines() if "orders~orders-1" in line]
+            if not (orders and "yes (ACKed" in orders[0]):
+                return False
+            clusters = _http_json(orders_admin, "/clusters")
+            return {e["address"] for c in ("payments|v1", "payments|v2")
+                    for e in clusters.get(c, {}).get("endpoints", [])} == inbound
+
+        wait_for(split_active, timeout=15, interval=0.2, what="orders' sidecar to run the split")
+        # Count from the first progress line printed after the split became active.
+        seen = len(_progress_counts(output(), "payments"))
+        before = wait_for(lambda: _progress_counts(output(), "payments")[seen:], timeout=10,
+                          interval=0.1, what="a progress line after the apply")[0]
+        wait_for(lambda: sum(_progress_counts(output(), "payments")[-1].values())
+                 >= sum(before.values()) + 80, timeout=90, interval=0.2,
+                 what="80 charges after the split")
+        proc.send_signal(signal.SIGINT)
+        code = _wait_exit(proc, log, timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text(errors="replace")
+    assert code == 0, text
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["failed"] == [] and summary["ok"] >= 0.95 * summary["calls"], text
+    after = {i: summary["served"]["payments"].get(i, 0) - before.get(i, 0)
+             for i in ("payments-1", "payments-2")}
+    total = sum(after.values())
+    assert total >= 80, (after, text)
+    # 90/10 over >= 80 charges: v2's share is 10% +- 3.4 points (one standard deviation);
+    # before the policy it was half. 25% is over four deviations away from either.
+    assert after["payments-2"] / total <= 0.25, (after, text)
+    assert after["payments-1"] / total >= 0.75, (after, text)
     assert _processes_mentioning(str(workdir)) == {}
 
 
