@@ -11,6 +11,15 @@ import re
 from dataclasses import dataclass, field
 from enum import Enum
 
+from sidecar.stages.fault import FaultPolicy
+from sidecar.stages.outlier import OutlierConfig
+from sidecar.stages.retry import RetryPolicy
+
+# Envoy's defaults for a cluster's circuit breaker (documented in docs/policy.md, shown in
+# /config_dump): high enough not to bite a normal service, low enough to stop a pile-up.
+DEFAULT_MAX_REQUESTS = 1024
+DEFAULT_MAX_PENDING = 1024
+
 
 class Direction(Enum):
     OUTBOUND = "outbound"
@@ -33,10 +42,22 @@ class LbPolicy(Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class RetryBudgetConfig:
+    """Retries allowed: ratio x requests over a window, plus a floor per second."""
+
+    retry_ratio: float = 0.2
+    min_retries_per_second: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class Cluster:
     name: str
     endpoints: tuple[Endpoint, ...]
     lb_policy: LbPolicy = LbPolicy.ROUND_ROBIN
+    max_requests: int = DEFAULT_MAX_REQUESTS
+    max_pending: int = DEFAULT_MAX_PENDING
+    outlier: OutlierConfig | None = None
+    retry_budget: RetryBudgetConfig | None = None
 
 
 class HeaderMatchKind(Enum):
@@ -113,6 +134,9 @@ class Route:
     headers: tuple[HeaderMatch, ...]
     clusters: tuple[WeightedCluster, ...]
     timeout: float | None = None  # seconds; None = only the caller's deadline
+    retry: RetryPolicy | None = None
+    fault: FaultPolicy | None = None
+    hash_header: str | None = None  # ring hash key: this request header's value
 
     @property
     def total_weight(self) -> int:

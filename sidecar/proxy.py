@@ -18,17 +18,23 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import random
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 from grpc.aio import EOF, AioRpcError
 
-from sidecar.dataplane import DataPlane, Refusal
+from sidecar.cluster_runtime import ClusterRuntime
+from sidecar.dataplane import DataPlane, Refusal, Target
 from sidecar.metadata import forwardable
 from sidecar.method_shapes import MethodShapes
-from sidecar.model import Direction
-from sidecar.upstream.request_writer import write_all
+from sidecar.model import Direction, Route
+from sidecar.stages.fault import FaultInjector
+from sidecar.stages.outlier import is_failure
+from sidecar.stages.retry import RetryState, with_previous_attempts
+from sidecar.upstream.pool import UpstreamChannel
+from sidecar.upstream.request_writer import ReplayingWriter, write_all
 
 # grpc-core wording for failures of the hop itself (not statuses sent by an upstream app).
 _CONNECT_FAILURES = ("failed to connect to all addresses", "Connection refused",
@@ -42,8 +48,10 @@ class ProxyHandler(grpc.GenericRpcHandler):
 
     def __init__(self, direction: Direction, sidecar_name: str,
                  plane: Callable[[], DataPlane], shapes: MethodShapes,
-                 max_message_bytes: int) -> None:
+                 max_message_bytes: int, rng: random.Random | None = None) -> None:
         self._direction = direction
+        self._random = rng or random.Random()
+        self._faults: dict[int, tuple[Route, FaultInjector]] = {}  # by id(route)
         self._max_bytes = max_message_bytes
         self._name = sidecar_name
         self._plane = plane
@@ -145,62 +153,196 @@ class ProxyHandler(grpc.GenericRpcHandler):
             if not self._active:
                 self._idle.set()
 
-    # --- forwarding -----------------------------------------------------------------------
+    # --- forwarding ---------------------------------------------------------------------
+    def _hop(self, message: str) -> str:
+        return f"mesh sidecar {self._name!r} ({self._direction.value}): {message}"
+
+    async def _enter(self, target: Target, context: grpc.aio.ServicerContext) -> None:
+        """The stages before any upstream attempt: fault injection, then the breaker."""
+        route = target.route
+        if route.fault is not None:
+            entry = self._faults.get(id(route))
+            if entry is None or entry[0] is not route:
+                if len(self._faults) > 1024:  # routes of old snapshots
+                    self._faults.clear()
+                entry = self._faults[id(route)] = (route, FaultInjector(route.fault,
+                                                                        self._random))
+            injector = entry[1]
+            decision = injector.decide()
+            if decision.delay:
+                await asyncio.sleep(decision.delay)
+            if decision.abort is not None:
+                await context.abort(decision.abort, self._hop(injector.abort_message(route.name)))
+        if not target.cluster.breaker.try_acquire():
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                self._hop(target.cluster.breaker.request_message()))
+
+    def _deadline_message(self, code: grpc.StatusCode, details: str | None, by_mesh: bool,
+                          route: Route, upstream: str, attempts: int) -> str | None:
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED and by_mesh:
+            return self._hop(f"route {route.name!r} timeout exceeded waiting for upstream "
+                             f"{upstream} (attempt {attempts})")
+        return details
+
     async def _forward_stream(self, method: str, service: str,
                               context: grpc.aio.ServicerContext, owner: Any) -> None:
         metadata = context.invocation_metadata()
-        target = self._plane().resolve(self._direction, method, metadata)
+        plane = self._plane()
+        target = plane.resolve(self._direction, method, metadata)
         if isinstance(target, Refusal):
             await context.abort(target.code, target.message)  # raises
             return
-        if self._shapes.should_ask(service):
-            self._shapes.learn_from(service, target.upstream.channel)
-        call = target.upstream.stream(method)(
-            timeout=_timeout(context, target.route.timeout), metadata=forwardable(metadata))
+        await self._enter(target, context)
+        cluster = target.cluster
+        try:
+            route = target.route
+            hash_key = _header(metadata, route.hash_header) if route.hash_header else None
+            upstream = cluster.pick(hash_key, None)
+            if upstream is None:
+                refusal = plane.no_endpoint(self._direction, cluster.config.name)
+                await context.abort(refusal.code, refusal.message)
+                return
+            if self._shapes.should_ask(service):
+                self._shapes.learn_from(service, upstream.channel)
+            timeout, by_mesh = _timeout(context, route.timeout)
+            fwd = forwardable(metadata)
+            if route.retry is None:
+                await self._stream_once(method, context, owner, cluster, upstream, fwd, timeout,
+                                        by_mesh, route)
+            else:
+                await self._stream_with_retries(method, context, owner, cluster, upstream, fwd,
+                                                timeout, by_mesh, route, hash_key)
+        finally:
+            cluster.breaker.release()
+
+    async def _stream_once(self, method: str, context: grpc.aio.ServicerContext, owner: Any,
+                           cluster: ClusterRuntime, upstream: UpstreamChannel, fwd: Any,
+                           timeout: float | None, by_mesh: bool, route: Route) -> None:
+        call = upstream.stream(method)(timeout=timeout, metadata=fwd)
         pump = asyncio.get_running_loop().create_task(
             write_all(call, context.read, self._max_bytes, self._too_large, owner))
-        headers_sent = False
-        refusal: str | None = None
         try:
-            try:
-                initial = await call.initial_metadata()
-                if initial:
-                    await context.send_initial_metadata(forwardable(initial))
-                    headers_sent = True
-                while True:
-                    message = await call.read()
-                    if message is EOF:
-                        break
-                    if len(message) > self._max_bytes:
-                        refusal = self._too_large("response", len(message))
-                        break
-                    headers_sent = True
-                    await context.write(message)
-            except AioRpcError:
-                pass  # the status below says what happened
-            except asyncio.CancelledError:
-                if not (pump.done() and pump.result()):
-                    raise  # the caller went away (not the pump cancelling the upstream)
-            refusal = refusal or (pump.result() if pump.done() else None)
-            if refusal is not None:
-                context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
-                context.set_details(refusal)
-                return
-            code = await call.code()
-            trailing = await call.trailing_metadata()
-            if trailing:
-                context.set_trailing_metadata(forwardable(trailing))
-            if code is not grpc.StatusCode.OK:
-                context.set_code(code)
-                details = self._status_message(code, await call.details(), headers_sent,
-                                               target.upstream.address, target.cluster)
-                if details:
-                    context.set_details(details)
+            outcome = await self._relay_responses(call, context, pump)
+            if outcome is not None:
+                code, details, headers_sent = outcome
+                self._finish(context, code, details, headers_sent, upstream, cluster, route,
+                             by_mesh, 1, await call.trailing_metadata())
         finally:
             if not call.done():
                 call.cancel()
             if not pump.done():
                 pump.cancel()
+            if cluster.finished is not None:
+                cluster.finished(upstream)
+
+    async def _stream_with_retries(self, method: str, context: grpc.aio.ServicerContext,
+                                   owner: Any, cluster: ClusterRuntime,
+                                   upstream: UpstreamChannel, fwd: Any, timeout: float | None,
+                                   by_mesh: bool, route: Route, hash_key: str | None) -> None:
+        assert route.retry is not None
+        state = RetryState(route.retry, self._random)
+        budget = cluster.budget
+        if budget is not None:
+            budget.record_request()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        writer = ReplayingWriter(route.retry.max_buffer_bytes)
+        pump: asyncio.Task[str | None] | None = None
+        call = None
+        try:
+            while True:
+                now = loop.time()
+                attempt_deadline = state.attempt_deadline(now, deadline)
+                attempt_timeout = None if attempt_deadline is None else attempt_deadline - now
+                call = upstream.stream(method)(
+                    timeout=attempt_timeout,
+                    metadata=with_previous_attempts(fwd, state.previous_attempts))
+                await writer.attach(call)
+                if pump is None:
+                    pump = loop.create_task(
+                        writer.pump(context.read, self._max_bytes, self._too_large, owner))
+                outcome = await self._relay_responses(call, context, pump, writer)
+                if cluster.finished is not None:
+                    cluster.finished(upstream)
+                if outcome is None:
+                    return
+                code, details, headers_sent = outcome
+                trailing = await call.trailing_metadata()
+                cluster.record(upstream, not is_failure(code))
+                if code is not grpc.StatusCode.OK:
+                    decision = state.on_failure(code, trailing, committed=writer.committed,
+                                                now=loop.time(), deadline=deadline,
+                                                budget=budget)
+                    if decision.retry:
+                        nxt = cluster.pick(hash_key, upstream)
+                        if nxt is not None:
+                            if decision.delay:
+                                await asyncio.sleep(decision.delay)
+                            upstream = nxt
+                            continue
+                self._finish(context, code, details, headers_sent, upstream, cluster, route,
+                             by_mesh or attempt_deadline != deadline, state.attempts, trailing)
+                return
+        finally:
+            if call is not None and not call.done():
+                call.cancel()
+            if pump is not None and not pump.done():
+                pump.cancel()
+
+    async def _relay_responses(self, call: Any, context: grpc.aio.ServicerContext,
+                               pump: asyncio.Task[str | None],
+                               writer: ReplayingWriter | None = None
+                               ) -> tuple[grpc.StatusCode, str | None, bool] | None:
+        """Copy response headers and messages to the caller until the upstream ends.
+
+        Returns (code, details, headers_sent), or None when the call was already finished here
+        (a refused message)."""
+        headers_sent = False
+        refusal: str | None = None
+        try:
+            initial = await call.initial_metadata()
+            if initial:
+                if writer is not None:
+                    writer.commit()
+                await context.send_initial_metadata(forwardable(initial))
+                headers_sent = True
+            while True:
+                message = await call.read()
+                if message is EOF:
+                    break
+                if len(message) > self._max_bytes:
+                    refusal = self._too_large("response", len(message))
+                    break
+                if writer is not None and not writer.committed:
+                    writer.commit()
+                headers_sent = True
+                await context.write(message)
+        except AioRpcError:
+            pass  # the status says what happened
+        except asyncio.CancelledError:
+            if not (pump.done() and pump.result()):
+                raise  # the caller went away (not the pump cancelling the upstream)
+        refusal = refusal or (pump.result() if pump.done() else None)
+        if refusal is not None:
+            context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            context.set_details(refusal)
+            return None
+        return await call.code(), await call.details(), headers_sent
+
+    def _finish(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode,
+                details: str | None, headers_sent: bool, upstream: UpstreamChannel,
+                cluster: ClusterRuntime, route: Route, by_mesh: bool, attempts: int,
+                trailing: Any) -> None:
+        if trailing:
+            context.set_trailing_metadata(forwardable(trailing))
+        if code is not grpc.StatusCode.OK:
+            context.set_code(code)
+            details = self._status_message(code, details, headers_sent, upstream.address,
+                                           cluster.config.name)
+            details = self._deadline_message(code, details, by_mesh, route, upstream.address,
+                                             attempts)
+            if details:
+                context.set_details(details)
 
     async def _forward_unary(self, method: str, request: bytes,
                              context: grpc.aio.ServicerContext) -> bytes | None:
@@ -208,26 +350,78 @@ class ProxyHandler(grpc.GenericRpcHandler):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 self._too_large("request", len(request)))
         metadata = context.invocation_metadata()
-        target = self._plane().resolve(self._direction, method, metadata)
+        plane = self._plane()
+        target = plane.resolve(self._direction, method, metadata)
         if isinstance(target, Refusal):
             await context.abort(target.code, target.message)  # raises
             return None
-        call = target.upstream.unary(method)(
-            request, timeout=_timeout(context, target.route.timeout),
-            metadata=forwardable(metadata))
+        await self._enter(target, context)
+        cluster = target.cluster
+        route = target.route
         try:
-            response = await call
-        except AioRpcError as err:
-            initial = err.initial_metadata()
-            if initial:
-                await context.send_initial_metadata(forwardable(initial))
-            code = err.code()
-            details = self._status_message(code, err.details(), bool(initial),
-                                           target.upstream.address, target.cluster)
-            await context.abort(code, details or "", forwardable(err.trailing_metadata()))
+            hash_key = _header(metadata, route.hash_header) if route.hash_header else None
+            timeout, by_mesh = _timeout(context, route.timeout)
+            fwd = forwardable(metadata)
+            retry = route.retry
+            state = RetryState(retry, self._random) if retry is not None else None
+            budget = cluster.budget
+            if state is not None and budget is not None:
+                budget.record_request()
+            loop = asyncio.get_running_loop()
+            deadline = None if timeout is None else loop.time() + timeout
+            upstream = cluster.pick(hash_key, None)
+            while True:
+                if upstream is None:
+                    refusal = plane.no_endpoint(self._direction, cluster.config.name)
+                    await context.abort(refusal.code, refusal.message)
+                    return None
+                attempt_timeout = timeout
+                md: Any = fwd
+                if state is not None:
+                    now = loop.time()
+                    attempt_deadline = state.attempt_deadline(now, deadline)
+                    attempt_timeout = None if attempt_deadline is None else attempt_deadline - now
+                    by_mesh = by_mesh or attempt_deadline != deadline
+                    md = with_previous_attempts(fwd, state.previous_attempts)
+                call = upstream.unary(method)(request, timeout=attempt_timeout, metadata=md)
+                try:
+                    response = await call
+                except AioRpcError as err:
+                    code = err.code()
+                    cluster.record(upstream, not is_failure(code))
+                    initial = err.initial_metadata()
+                    trailing = err.trailing_metadata()
+                    if state is not None:
+                        decision = state.on_failure(code, trailing, committed=bool(initial),
+                                                    now=loop.time(), deadline=deadline,
+                                                    budget=budget)
+                        if decision.retry:
+                            nxt = cluster.pick(hash_key, upstream)
+                            if nxt is not None:
+                                if decision.delay:
+                                    await asyncio.sleep(decision.delay)
+                                if cluster.finished is not None:
+                                    cluster.finished(upstream)
+                                upstream = nxt
+                                continue
+                    if initial:
+                        await context.send_initial_metadata(forwardable(initial))
+                    details = self._status_message(code, err.details(), bool(initial),
+                                                   upstream.address, cluster.config.name)
+                    details = self._deadline_message(
+                        code, details, by_mesh, route, upstream.address,
+                        state.attempts if state is not None else 1)
+                    await context.abort(code, details or "", forwardable(trailing))
+                    return None
+                finally:
+                    if not call.done():
+                        call.cancel()
+                cluster.record(upstream, True)
+                break
         finally:
-            if not call.done():
-                call.cancel()
+            cluster.breaker.release()
+            if upstream is not None and cluster.finished is not None:
+                cluster.finished(upstream)
         if len(response) > self._max_bytes:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 self._too_large("response", len(response)))
@@ -240,8 +434,16 @@ class ProxyHandler(grpc.GenericRpcHandler):
         return response
 
 
-def _timeout(context: grpc.aio.ServicerContext, route_timeout: float | None) -> float | None:
+def _header(metadata: Any, name: str) -> str | None:
+    values = [v for k, v in metadata or () if k == name and isinstance(v, str)]
+    return ",".join(values) if values else None
+
+
+def _timeout(context: grpc.aio.ServicerContext, route_timeout: float | None
+             ) -> tuple[float | None, bool]:
+    """The upstream call's timeout, and whether it is the mesh's (route) rather than the
+    caller's own deadline."""
     remaining = context.time_remaining()
     if route_timeout is not None and (remaining is None or route_timeout < remaining):
-        return route_timeout
-    return remaining
+        return route_timeout, True
+    return remaining, False

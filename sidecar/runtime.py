@@ -28,6 +28,7 @@ from sidecar.xds_translate import compile_snapshot
 log = logging.getLogger(__name__)
 
 _REFUSE_WINDOW = 0.1  # seconds between refusing new calls and stopping the gRPC servers
+_POLL_INTERVAL = 1.0  # seconds between outlier-detection sweeps
 
 
 class Sidecar:
@@ -53,6 +54,7 @@ class Sidecar:
         self.draining = False
         self._applied_at = 0.0
         self.xds: Any = None  # the XdsClient, when following a control plane
+        self._poller: asyncio.Task[None] | None = None
 
     # --- config -------------------------------------------------------------------------
     def plane(self) -> DataPlane:
@@ -63,7 +65,9 @@ class Sidecar:
         """Compile and swap in a new config; raises ConfigError and keeps the old one if bad."""
         snapshot = compile_snapshot(version, resources.listeners, resources.route_configs,
                                     resources.clusters, resources.load_assignments)
-        self._plane = DataPlane(snapshot, self.pool, self.settings.service)
+        previous = self._plane.clusters if self._plane is not None else None
+        self._plane = DataPlane(snapshot, self.pool, self.settings.service, previous,
+                                local_zone=self.settings.zone)
         self._resources = resources
         self._applied_at = time.time()
         self.pool.retain(self._plane.addresses())
@@ -94,6 +98,7 @@ class Sidecar:
             await server.start()
             self._servers[direction] = server
             self.addresses[direction.value] = _with_port(address, port)
+        self._poller = asyncio.get_running_loop().create_task(self._poll_clusters())
         host, port = split_host_port(self.settings.admin)
         admin_port = await self._admin.start(host, port)
         self.addresses["admin"] = _with_port(self.settings.admin, admin_port)
@@ -101,9 +106,19 @@ class Sidecar:
             _write_atomically(self.settings.ready_file, json.dumps(self.addresses))
         log.info("sidecar %r listening: %s", self.settings.service, self.addresses)
 
+    async def _poll_clusters(self) -> None:
+        """Outlier detection's interval sweeps: ejections expire and failure rates are judged
+        on a timer, not only when calls happen."""
+        while True:
+            await asyncio.sleep(_POLL_INTERVAL)
+            for cluster in self.plane().clusters.values():
+                cluster.poll()
+
     async def drain(self, timeout: float | None = None) -> None:
         """Stop accepting calls, give calls in flight `timeout` seconds, then close."""
         self.draining = True
+        if self._poller is not None:
+            self._poller.cancel()
         grace = self.settings.drain_timeout if timeout is None else timeout
         # stop(grace) refuses new calls at once but would wait out the whole grace period while
         # any connection is open (an idle client, a port scanner), so we wait for our own calls
@@ -163,12 +178,22 @@ class Sidecar:
         return _json_response(dump)
 
     def _clusters(self, _query: str) -> Response:
-        snapshot = self.plane().snapshot
-        return _json_response({
-            name: {"lb_policy": c.lb_policy.value,
-                   "endpoints": [{"address": e.address, "weight": e.weight, "zone": e.zone}
-                                 for e in c.endpoints]}
-            for name, c in snapshot.clusters.items()})
+        out = {}
+        for name, runtime in self.plane().clusters.items():
+            c = runtime.config
+            ejected = runtime.detector.ejected if runtime.detector is not None else frozenset()
+            out[name] = {
+                "lb_policy": c.lb_policy.value,
+                "circuit_breaker": {"max_requests": c.max_requests,
+                                    "max_pending": c.max_pending,
+                                    "active": runtime.breaker.active},
+                "outlier_detection": c.outlier is not None,
+                "retry_budget": None if runtime.budget is None else {
+                    "granted": runtime.budget.granted, "refused": runtime.budget.refused},
+                "endpoints": [{"address": e.address, "weight": e.weight, "zone": e.zone,
+                               "ejected": any(ch.address == e.address for ch in ejected)}
+                              for e in c.endpoints]}
+        return _json_response(out)
 
 
 def _to_json(message: Any) -> Any:

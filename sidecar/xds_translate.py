@@ -10,17 +10,24 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 
-from envoy.config.cluster.v3 import cluster_pb2
+import grpc
+from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import base_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.type.v3 import percent_pb2
+from google.protobuf import any_pb2
 
 from sidecar.model import (
+    DEFAULT_MAX_PENDING,
+    DEFAULT_MAX_REQUESTS,
     Cluster,
     Direction,
     Endpoint,
@@ -28,17 +35,28 @@ from sidecar.model import (
     HeaderMatchKind,
     LbPolicy,
     PathMatch,
+    RetryBudgetConfig,
     Route,
     RouteTable,
     Snapshot,
     WeightedCluster,
 )
+from sidecar.stages.fault import FaultPolicy
+from sidecar.stages.outlier import FailurePercentage, OutlierConfig
+from sidecar.stages.retry import RetryPolicy
 
 HCM_TYPE_URL = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager."
                 "v3.HttpConnectionManager")
 _SUPPORTED_LB = {cluster_pb2.Cluster.ROUND_ROBIN: LbPolicy.ROUND_ROBIN,
                  cluster_pb2.Cluster.LEAST_REQUEST: LbPolicy.LEAST_REQUEST,
                  cluster_pb2.Cluster.RING_HASH: LbPolicy.RING_HASH}
+
+
+FAULT_FILTER = "envoy.filters.http.fault"
+# gRPC status names as Envoy's retry_on spells them (x-envoy-retry-grpc-on).
+_GRPC_RETRY_ON = {code.name.lower().replace("_", "-"): code for code in grpc.StatusCode
+                  if code is not grpc.StatusCode.OK}
+_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class ConfigError(ValueError):
@@ -156,8 +174,76 @@ def _route(route: route_components_pb2.Route, where: str) -> Route:
     if action.HasField("timeout"):
         seconds = action.timeout.ToTimedelta().total_seconds()
         timeout = seconds if seconds > 0 else None  # Envoy: 0 disables the route timeout
+    retry = _retry(action.retry_policy, f"{where}.route.retry_policy") \
+        if action.HasField("retry_policy") else None
+    hash_header = None
+    for policy in action.hash_policy:
+        if policy.HasField("header"):
+            hash_header = policy.header.header_name.lower()
+            break
+    fault = None
+    if FAULT_FILTER in route.typed_per_filter_config:
+        fault = _fault(route.typed_per_filter_config[FAULT_FILTER],
+                       f"{where}.typed_per_filter_config[{FAULT_FILTER}]")
     return Route(name=route.name or where, path=path, headers=headers, clusters=clusters,
-                 timeout=timeout)
+                 timeout=timeout, retry=retry, fault=fault, hash_header=hash_header)
+
+
+def _retry(policy: route_components_pb2.RetryPolicy, where: str) -> RetryPolicy | None:
+    codes = set()
+    for token in filter(None, (t.strip() for t in policy.retry_on.split(","))):
+        code = _GRPC_RETRY_ON.get(token)
+        if code is None:
+            continue  # HTTP-level conditions (5xx, reset, ...) have no meaning for our hop
+        codes.add(code)
+    attempts = (policy.num_retries.value if policy.HasField("num_retries") else 1) + 1
+    if not codes or attempts < 2:
+        return None
+    base = _seconds(policy.retry_back_off.base_interval) or 0.025  # Envoy's default
+    maximum = _seconds(policy.retry_back_off.max_interval) or base * 10
+    per_try = _seconds(policy.per_try_timeout) or None
+    try:
+        return RetryPolicy(max_attempts=attempts, retryable_codes=frozenset(codes),
+                           initial_backoff=base, max_backoff=max(maximum, base),
+                           per_try_timeout=per_try)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _fault(config: any_pb2.Any, where: str) -> FaultPolicy | None:
+    fault = fault_pb2.HTTPFault()
+    if not config.Unpack(fault):
+        raise ConfigError(f"{where}: expected envoy.extensions.filters.http.fault.v3.HTTPFault")
+    delay = None
+    delay_percent = 100.0
+    if fault.HasField("delay") and fault.delay.HasField("fixed_delay"):
+        delay = _seconds(fault.delay.fixed_delay)
+        delay_percent = _percent(fault.delay.percentage)
+    abort_code = None
+    abort_percent = 100.0
+    if fault.HasField("abort"):
+        if fault.abort.WhichOneof("error_type") != "grpc_status":
+            raise ConfigError(f"{where}.abort: only grpc_status aborts are supported")
+        abort_code = _STATUS_BY_NUMBER.get(fault.abort.grpc_status)
+        if abort_code is None or abort_code is grpc.StatusCode.OK:
+            raise ConfigError(f"{where}.abort.grpc_status: {fault.abort.grpc_status} is not an "
+                              "error status")
+        abort_percent = _percent(fault.abort.percentage)
+    if delay is None and abort_code is None:
+        return None
+    return FaultPolicy(delay=delay, delay_percent=delay_percent, abort_code=abort_code,
+                       abort_percent=abort_percent)
+
+
+def _seconds(duration: Any) -> float:
+    return float(duration.seconds + duration.nanos / 1e9)
+
+
+def _percent(fraction: percent_pb2.FractionalPercent) -> float:
+    denominator = {percent_pb2.FractionalPercent.HUNDRED: 100,
+                   percent_pb2.FractionalPercent.TEN_THOUSAND: 10_000,
+                   percent_pb2.FractionalPercent.MILLION: 1_000_000}[fraction.denominator]
+    return min(100.0, 100.0 * fraction.numerator / denominator)
 
 
 def _header_match(h: route_components_pb2.HeaderMatcher, where: str) -> HeaderMatch:
@@ -224,5 +310,54 @@ def _cluster(cluster: cluster_pb2.Cluster,
             host = f"[{sock.address}]" if ":" in sock.address else sock.address
             weight = lb_endpoint.load_balancing_weight.value or 1
             endpoints.append(Endpoint(f"{host}:{sock.port_value}", weight, zone))
+    max_requests, max_pending, budget = DEFAULT_MAX_REQUESTS, DEFAULT_MAX_PENDING, None
+    for threshold in cluster.circuit_breakers.thresholds:
+        if threshold.priority != base_pb2.DEFAULT:
+            continue
+        if threshold.HasField("max_requests"):
+            max_requests = threshold.max_requests.value
+        if threshold.HasField("max_pending_requests"):
+            max_pending = threshold.max_pending_requests.value
+        if threshold.HasField("retry_budget"):
+            rb = threshold.retry_budget
+            budget = RetryBudgetConfig(
+                retry_ratio=(rb.budget_percent.value if rb.HasField("budget_percent")
+                             else 20.0) / 100.0,
+                min_retries_per_second=float(rb.min_retry_concurrency.value
+                                             if rb.HasField("min_retry_concurrency") else 10))
+    outlier = _outlier(cluster.outlier_detection, f"{where}.outlier_detection") \
+        if cluster.HasField("outlier_detection") else None
     return Cluster(name=cluster.name, endpoints=tuple(endpoints),
-                   lb_policy=_SUPPORTED_LB[cluster.lb_policy])
+                   lb_policy=_SUPPORTED_LB[cluster.lb_policy], max_requests=max_requests,
+                   max_pending=max_pending, outlier=outlier, retry_budget=budget)
+
+
+def _outlier(od: outlier_detection_pb2.OutlierDetection, where: str) -> OutlierConfig | None:
+    def value(field: str, default: int) -> int:
+        return int(getattr(od, field).value) if od.HasField(field) else default
+
+    consecutive: int | None = value("consecutive_5xx", 5)
+    if value("enforcing_consecutive_5xx", 100) == 0:
+        consecutive = None
+    failure = None
+    if value("enforcing_failure_percentage", 0) > 0:
+        failure = FailurePercentage(
+            threshold=value("failure_percentage_threshold", 85),
+            minimum_hosts=value("failure_percentage_minimum_hosts", 5),
+            request_volume=value("failure_percentage_request_volume", 50),
+            enforcement_percentage=value("enforcing_failure_percentage", 0))
+    if consecutive is None and failure is None:
+        return None
+    try:
+        return OutlierConfig(
+            consecutive_errors=consecutive,
+            interval=_seconds(od.interval) if od.HasField("interval") else 10.0,
+            base_ejection_time=(_seconds(od.base_ejection_time)
+                                if od.HasField("base_ejection_time") else 30.0),
+            max_ejection_time=(_seconds(od.max_ejection_time)
+                               if od.HasField("max_ejection_time") else 300.0),
+            max_ejection_percent=value("max_ejection_percent", 10),
+            failure_percentage=failure,
+            enforcing_consecutive_errors=value("enforcing_consecutive_5xx", 100))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None

@@ -438,7 +438,7 @@ def _load_balancer(c: _Checker, value: Any, path: str) -> s.LoadBalancer:
     hash_header = ""
     if _present(v := _get(m, "hashHeader")):
         hash_header = c.header_name(v, _join(path, "hashHeader")) or ""
-        if algorithm != "RING_HASH" and m is not None and "algorithm" in m:
+        if algorithm != "RING_HASH":  # also when algorithm is left at its default
             c.bad(_join(path, "hashHeader"), "only applies to algorithm RING_HASH")
     elif algorithm == "RING_HASH":
         c.bad(_join(path, "hashHeader"), "required with algorithm RING_HASH (the request "
