@@ -10,7 +10,9 @@ Proxy CPU is utime + stime from /proc over each phase, summed over the path's pr
 processes; RSS is read after the phases. Any gRPC error fails the run (exit 1).
 
 Writes bench/results/<timestamp>.json and .png, prints the table with ratios, and (full runs)
-rewrites the generated part of docs/performance.md.
+rewrites the generated part of docs/performance.md. Then (unless --skip-push) the control
+plane's push latency to N simulated sidecars (bench/push_latency.py; quick with --quick), added
+to the same result file under "push" and to its own section of docs/performance.md.
 """
 
 from __future__ import annotations
@@ -206,6 +208,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "none with --quick)")
     p.add_argument("--no-docs", action="store_true", help="do not update any markdown file")
     p.add_argument("--no-chart", action="store_true")
+    p.add_argument("--skip-push", action="store_true",
+                   help="leave out the control plane push-latency benchmark (bench/push_latency"
+                        ".py) that runs after the four paths")
     return p.parse_args(argv)
 
 
@@ -249,11 +254,18 @@ def main(argv: list[str] | None = None) -> int:
     if docs_path and not args.no_docs:
         docs.update(docs_path, result, json_path)
         print(f"docs:   {docs_path}")
+    code = 0
     errors = sum(p["grpc_errors"] for p in result["paths"].values())
     if errors:
         print(f"FAILED: {errors} gRPC errors (see {json_path})", file=sys.stderr)
-        return 1
-    return 0
+        code = 1
+    if not args.skip_push:
+        from bench import push_latency
+
+        if not push_latency.run_after_paths(result, json_path,
+                                            None if args.no_docs else docs_path, args.quick):
+            code = 1
+    return code
 
 
 if __name__ == "__main__":
