@@ -25,8 +25,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+from urllib.parse import unquote
 
 import grpc
 from opentelemetry import trace as trace_api
@@ -40,11 +41,12 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
     ParentBased,
     Sampler,
     SamplingResult,
     TraceIdRatioBased,
-    _get_from_env_or_default,
 )
 from opentelemetry.trace import (
     NonRecordingSpan,
@@ -119,6 +121,33 @@ def _check_ratio(ratio: float) -> float:
     return ratio
 
 
+def _sampler_from_env(env: Mapping[str, str]) -> Sampler | None:
+    """The sampler OTEL_TRACES_SAMPLER / _ARG ask for, or None when unset or unknown."""
+    name = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if not name:
+        return None
+    arg = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    ratio = 1.0
+    if "traceidratio" in name:
+        try:
+            ratio = _check_ratio(float(arg or "1"))
+        except ValueError:
+            log.warning("OTEL_TRACES_SAMPLER_ARG=%r is not a ratio in [0, 1]; using 1.0", arg)
+    samplers: dict[str, Callable[[], Sampler]] = {
+        "always_on": lambda: ALWAYS_ON,
+        "always_off": lambda: ALWAYS_OFF,
+        "traceidratio": lambda: TraceIdRatioBased(ratio),
+        "parentbased_always_on": lambda: ParentBased(ALWAYS_ON),
+        "parentbased_always_off": lambda: ParentBased(ALWAYS_OFF),
+        "parentbased_traceidratio": lambda: ParentBased(TraceIdRatioBased(ratio)),
+    }
+    make = samplers.get(name)
+    if make is None:
+        log.warning("OTEL_TRACES_SAMPLER=%r is not supported; MeshConfig's ratio applies", name)
+        return None
+    return make()
+
+
 class ExportUnavailable(RuntimeError):
     """Spans cannot be exported (a broken install); calls and propagation still work."""
 
@@ -162,6 +191,8 @@ def parse_peer(peer: str | None) -> tuple[str | None, int | None]:
     """grpc's `context.peer()` ('ipv4:1.2.3.4:5', 'ipv6:[::1]:5', 'unix:/p') -> (address, port)."""
     if not peer:
         return None, None
+    if "%" in peer:  # newer grpc percent-encodes the IPv6 brackets
+        peer = unquote(peer)
     scheme, _, rest = peer.partition(":")
     if scheme == "unix" or not rest:
         return (rest or peer), None
@@ -317,9 +348,9 @@ class SidecarTracing:
                 "OTEL_RESOURCE_ATTRIBUTES", ""):
             attributes["service.name"] = f"mesh-sidecar/{service}"
         self._ratio_sampler = RatioSampler(ratio)
-        self._pinned = bool(env.get("OTEL_TRACES_SAMPLER"))
-        sampler = _get_from_env_or_default() if self._pinned else ParentBased(
-            self._ratio_sampler)
+        pinned = _sampler_from_env(env)
+        self._pinned = pinned is not None
+        sampler = pinned if pinned is not None else ParentBased(self._ratio_sampler)
         self._ids = _IdGenerator()
         # No atexit hook: the SDK's would wait up to 30 s for a dead backend at exit; the
         # sidecar's drain calls shutdown(timeout) instead.
