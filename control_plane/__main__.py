@@ -20,6 +20,7 @@ from control_plane import policy_api, status_api
 from control_plane.ads_server import SERVER_OPTIONS, AdsServer, ProviderNotReady
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.policy.store import ConsulKVStore, FileStore, PolicyStore, StoreError
+from control_plane.registry import persist
 from control_plane.registry.consul import ConsulRegistry
 from control_plane.registry.embedded import EmbeddedRegistry, NodeMetadataError, instance_from_node
 from control_plane.translate import TranslationProvider
@@ -65,6 +66,7 @@ class ControlPlane:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.registry: ConsulRegistry | EmbeddedRegistry
+        self.registry_file = ""
         self.store: PolicyStore
         if args.consul:
             import consul  # py-consul
@@ -77,6 +79,10 @@ class ControlPlane:
             self.source_name = "consul"
         else:
             self.registry = EmbeddedRegistry(grace=args.grace)
+            self.registry_file = os.path.join(args.state_dir, "registry.json")
+            restored = persist.restore(self.registry, self.registry_file)
+            if restored:
+                log.info("restored %d instances announced before the restart", restored)
             self.store = FileStore(os.path.join(args.state_dir, "policies.json"))
             self.source_name = "embedded"
         self.ads = AdsServer(_UntilReady(TranslationProvider(self.registry.view,
@@ -131,8 +137,10 @@ class ControlPlane:
         log.info("control plane listening: %s (registry: %s)", self.addresses, self.source_name)
 
     async def _follow_registry(self) -> None:
-        async for _view in self.registry.changes():
+        async for view in self.registry.changes():
             self.ads.notify_changed()
+            if isinstance(self.registry, EmbeddedRegistry):
+                await asyncio.to_thread(persist.save, view, self.registry_file)
 
     async def _notify_when_ready(self) -> None:
         """Push once the registry and the policies have first been read (see _not_ready)."""

@@ -278,7 +278,10 @@ class AdsServer:
         if not state.may_push(type_url):
             return None
         prepared = self._prepared(stream, type_url, state.subscription(type_url))
-        if prepared is None or not state.needs_push(type_url, prepared.version):
+        if prepared is None:
+            return None
+        if not state.needs_push(type_url, prepared.version):
+            state.still_current(type_url, prepared.version, prepared.revision)
             return None
         nonce = f"{stream.id}-{next(self._nonces)}"
         state.record_push(type_url, prepared.version, nonce, self._clock(), prepared.revision)

@@ -825,6 +825,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("service", metavar="SERVICE", nargs="?")
     p.add_argument("-o", "--output", choices=("table", "yaml", "json"), default="table")
     p.set_defaults(run=cmd_endpoints)
+
+    from control_plane import cli_ca  # `token` and `ca` (imported here: cli_ca imports cli)
+    cli_ca.add_commands(sub)
     return parser
 
 

@@ -158,7 +158,11 @@ Listener = Callable[[Identity], None]
 
 
 class IdentityProvider(Protocol):
-    """What the TLS helpers need: the current identity and a call on every change."""
+    """What the TLS helpers need: the current identity, a number that moves on with every new
+    identity (set before listeners are called), and a call on every change."""
+
+    @property
+    def version(self) -> int: ...
 
     def current(self) -> Identity | None: ...
 
@@ -169,6 +173,11 @@ class _Publisher:
     def __init__(self) -> None:
         self._current: Identity | None = None
         self._listeners: list[Listener] = []
+        self._version = 0
+
+    @property
+    def version(self) -> int:
+        return self._version
 
     def current(self) -> Identity | None:
         return self._current
@@ -181,6 +190,7 @@ class _Publisher:
 
     def _publish(self, identity: Identity) -> None:
         self._current = identity
+        self._version += 1
         for listener in list(self._listeners):
             try:
                 listener(identity)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 
 import grpc
 from google.protobuf import descriptor_pb2
+from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -63,13 +64,13 @@ class MethodShapes:
         try:
             responses = [r async for r in stub.ServerReflectionInfo(iter([request]),
                                                                     timeout=timeout)]
-        except grpc.RpcError as err:
+            files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+                     for response in responses if response is not None
+                     for raw in response.file_descriptor_response.file_descriptor_proto]
+        except (grpc.RpcError, DecodeError) as err:
+            # No reflection (or something else answering that method): stay on the stream shape.
             log.debug("reflection for %s unavailable: %s", service, err)
             return
-        files = []
-        for response in responses:
-            for raw in response.file_descriptor_response.file_descriptor_proto:
-                files.append(descriptor_pb2.FileDescriptorProto.FromString(raw))
         self.add(unary_methods_of(service, files))
 
     async def close(self) -> None:

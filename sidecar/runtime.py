@@ -14,7 +14,10 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from sidecar import static_config
+from sidecar import (
+    static_config,
+    xds_types,  # noqa: F401  (loads the types inside Anys, so /config_dump can expand them)
+)
 from sidecar.admin_http import AdminServer, Response
 from sidecar.config import Settings
 from sidecar.dataplane import DataPlane

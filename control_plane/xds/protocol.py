@@ -154,6 +154,15 @@ class StreamState:
         return (state.force or version != state.sent_version
                 or state.subscription != state.sent_subscription)
 
+    def still_current(self, type_url: str, version: str, revision: int) -> None:
+        """A new policy revision left this type's content unchanged: what the proxy ACKed is
+        also the config of `revision` (status pages can then say it runs that revision)."""
+        state = self._types.get(type_url)
+        if (state is not None and not state.awaiting and state.acked_version == version
+                and revision > state.acked_revision):
+            state.acked_revision = revision
+            state.sent_revision = max(state.sent_revision, revision)
+
     def record_push(self, type_url: str, version: str, nonce: str, now: float,
                     revision: int = 0) -> None:
         state = self._types[type_url]
