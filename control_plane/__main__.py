@@ -29,6 +29,8 @@ from sidecar.static_config import split_host_port
 
 log = logging.getLogger("control_plane")
 
+_REGISTRY_DEBOUNCE = 0.1  # seconds: registry changes closer than this are pushed together
+
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"MESH_{name}", default)
@@ -141,6 +143,9 @@ class ControlPlane:
             self.ads.notify_changed()
             if isinstance(self.registry, EmbeddedRegistry):
                 await asyncio.to_thread(persist.save, view, self.registry_file)
+            # Coalesce bursts (a thousand sidecars reconnecting after a restart): the
+            # subscription hands over only the latest view, so one push covers the burst.
+            await asyncio.sleep(_REGISTRY_DEBOUNCE)
 
     async def _notify_when_ready(self) -> None:
         """Push once the registry and the policies have first been read (see _not_ready)."""
