@@ -59,7 +59,7 @@ class CertificateFetcher:
         try:
             current = self._provider.current()
             with self._lock:
-                if True:
+                if current is None or current is self._served:
                     return None
                 self._served = current
                 self.handed_out += 1
