@@ -17,6 +17,7 @@ import grpc
 from sidecar.cluster_runtime import ClusterRuntime
 from sidecar.model import Direction, Route, Snapshot
 from sidecar.router import Router
+from sidecar.stages.rate_limit import RateLimiter
 from sidecar.upstream.pool import ChannelPool
 
 
@@ -37,7 +38,8 @@ class Refusal:
 class DataPlane:
     def __init__(self, snapshot: Snapshot, pool: ChannelPool, sidecar_name: str,
                  clusters: dict[str, ClusterRuntime] | None = None, *, local_zone: str = "",
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 previous_limiter: RateLimiter | None = None) -> None:
         """`clusters`: the live cluster state of the previous DataPlane, reused by name."""
         self.snapshot = snapshot
         self._name = sidecar_name
@@ -53,6 +55,13 @@ class DataPlane:
             elif runtime.config != config:
                 runtime.update(config, pool)
             self.clusters[name] = runtime
+
+        limit = snapshot.inbound_rate_limit
+        self.rate_limiter: RateLimiter | None = None
+        if limit is not None:
+            # a limiter whose config did not change keeps its buckets across config versions
+            same = previous_limiter is not None and previous_limiter.config == limit
+            self.rate_limiter = previous_limiter if same else RateLimiter(limit)
 
     def addresses(self) -> Iterable[str]:
         return {ep.address for c in self.snapshot.clusters.values() for ep in c.endpoints}

@@ -13,6 +13,7 @@ from enum import Enum
 
 from sidecar.stages.fault import FaultPolicy
 from sidecar.stages.outlier import OutlierConfig
+from sidecar.stages.rate_limit import RateLimitConfig
 from sidecar.stages.retry import RetryPolicy
 
 # Envoy's defaults for a cluster's circuit breaker (documented in docs/policy.md, shown in
@@ -166,6 +167,7 @@ class Snapshot:
     outbound: RouteTable
     inbound: RouteTable
     clusters: dict[str, Cluster]
+    inbound_rate_limit: RateLimitConfig | None = None
 
     def __hash__(self) -> int:  # dict field: identity is the snapshot's version
         return hash(self.version)

@@ -32,6 +32,7 @@ from sidecar.method_shapes import MethodShapes
 from sidecar.model import Direction, Route
 from sidecar.stages.fault import FaultInjector
 from sidecar.stages.outlier import is_failure
+from sidecar.stages.rate_limit import RateLimiter
 from sidecar.stages.retry import RetryState, with_previous_attempts
 from sidecar.upstream.pool import UpstreamChannel
 from sidecar.upstream.request_writer import ReplayingWriter, write_all
@@ -157,6 +158,16 @@ class ProxyHandler(grpc.GenericRpcHandler):
     def _hop(self, message: str) -> str:
         return f"mesh sidecar {self._name!r} ({self._direction.value}): {message}"
 
+    async def _rate_limit(self, limiter: RateLimiter, method: str,
+                          context: grpc.aio.ServicerContext) -> None:
+        refusal = limiter.check(method, self._caller(context))
+        if refusal is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._hop(refusal))
+
+    def _caller(self, context: grpc.aio.ServicerContext) -> str | None:
+        """The calling mesh service, as proven by its certificate (None without mTLS)."""
+        return None
+
     async def _enter(self, target: Target, context: grpc.aio.ServicerContext) -> None:
         """The stages before any upstream attempt: fault injection, then the breaker."""
         route = target.route
@@ -188,6 +199,8 @@ class ProxyHandler(grpc.GenericRpcHandler):
                               context: grpc.aio.ServicerContext, owner: Any) -> None:
         metadata = context.invocation_metadata()
         plane = self._plane()
+        if plane.rate_limiter is not None and self._direction is Direction.INBOUND:
+            await self._rate_limit(plane.rate_limiter, method, context)
         target = plane.resolve(self._direction, method, metadata)
         if isinstance(target, Refusal):
             await context.abort(target.code, target.message)  # raises
@@ -351,6 +364,8 @@ class ProxyHandler(grpc.GenericRpcHandler):
                                 self._too_large("request", len(request)))
         metadata = context.invocation_metadata()
         plane = self._plane()
+        if plane.rate_limiter is not None and self._direction is Direction.INBOUND:
+            await self._rate_limit(plane.rate_limiter, method, context)
         target = plane.resolve(self._direction, method, metadata)
         if isinstance(target, Refusal):
             await context.abort(target.code, target.message)  # raises

@@ -68,9 +68,11 @@ class Sidecar:
         """Compile and swap in a new config; raises ConfigError and keeps the old one if bad."""
         snapshot = compile_snapshot(version, resources.listeners, resources.route_configs,
                                     resources.clusters, resources.load_assignments)
-        previous = self._plane.clusters if self._plane is not None else None
-        self._plane = DataPlane(snapshot, self.pool, self.settings.service, previous,
-                                local_zone=self.settings.zone)
+        old = self._plane
+        self._plane = DataPlane(snapshot, self.pool, self.settings.service,
+                                old.clusters if old is not None else None,
+                                local_zone=self.settings.zone,
+                                previous_limiter=old.rate_limiter if old is not None else None)
         self._resources = resources
         self._applied_at = time.time()
         self.pool.retain(self._plane.addresses())

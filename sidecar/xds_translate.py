@@ -25,6 +25,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2
 
+from sidecar.inbound_policy import InboundPolicyError, rate_limit_of
 from sidecar.model import (
     DEFAULT_MAX_PENDING,
     DEFAULT_MAX_REQUESTS,
@@ -70,11 +71,18 @@ def compile_snapshot(version: str,
                      load_assignments: Mapping[str, endpoint_pb2.ClusterLoadAssignment],
                      ) -> Snapshot:
     tables: dict[Direction, RouteTable] = {}
+    rate_limit = None
     for listener in listeners:
         direction = _direction(listener)
         if direction in tables:
             raise ConfigError(f"listener {listener.name!r}: a second {direction.value} listener")
         tables[direction] = _route_table(listener, route_configs)
+        if direction is Direction.INBOUND:
+            try:
+                rate_limit = rate_limit_of(_http_connection_manager(listener),
+                                           listener.name.rsplit("|", 1)[-1])
+            except (InboundPolicyError, ValueError) as exc:
+                raise ConfigError(f"listener {listener.name!r}: {exc}") from None
 
     compiled: dict[str, Cluster] = {}
     for cluster in clusters:
@@ -92,7 +100,7 @@ def compile_snapshot(version: str,
     return Snapshot(version=version,
                     outbound=tables.get(Direction.OUTBOUND, empty),
                     inbound=tables.get(Direction.INBOUND, empty),
-                    clusters=compiled)
+                    clusters=compiled, inbound_rate_limit=rate_limit)
 
 
 def _direction(listener: listener_pb2.Listener) -> Direction:
