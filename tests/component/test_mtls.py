@@ -163,6 +163,34 @@ def test_plaintext_listener_has_no_peer_identity() -> None:
     asyncio.run(main())
 
 
+def test_one_server_with_an_mtls_port_and_a_plaintext_port_as_in_permissive_mode() -> None:
+    """PERMISSIVE: the same handler behind both ports; only the mTLS one proves identities,
+    and it still refuses plaintext."""
+    ca = TestCA()
+
+    async def main() -> None:
+        app = App()
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server.add_generic_rpc_handlers((app,))
+        tls_port = server.add_secure_port(
+            "127.0.0.1:0", server_credentials(StaticCertificateSource(ca.issue("payments"))))
+        plain_port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            channel = mtls_channel(f"127.0.0.1:{tls_port}", ca.issue("orders"))
+            assert await call(channel) == f"{ORDERS_ID}|orders|hi".encode()
+            await channel.close()
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{plain_port}") as plain:
+                assert await call(plain) == b"-|-|hi"
+            err = await rejected(grpc.aio.insecure_channel(f"127.0.0.1:{tls_port}"))
+            assert err.code() is grpc.StatusCode.UNAVAILABLE
+            assert app.calls == 2
+        finally:
+            await server.stop(0)
+
+    asyncio.run(main())
+
+
 # --- rejected peers: UNAVAILABLE, and nothing reaches the app -----------------------------------
 
 
