@@ -223,7 +223,7 @@ class CertificateAuthority:
             raise Unavailable("the CA has no root that can sign now: try again")
         pair = signer.pair()
         cert = c.issue(pair, checked, now, self.ttl)
-        chain = "".join(c.pem(x) for x in pair.chain)
+        chain = "".join(c.pem(x) for x in pair.intermediates)
         issued = Issued(c.pem(cert) + chain, tuple(c.pem(a) for a in roots.bundle(now)),
                         c.seconds(cert.not_valid_before_utc), c.seconds(cert.not_valid_after_utc),
                         checked.spiffe_id, checked.service, cert.serial_number)

@@ -76,13 +76,15 @@ def _same_public_key(a: object, b: object) -> bool:
 # --- roots -----------------------------------------------------------------------------------
 def generate_root(now: float, *, lifetime: float = ROOT_LIFETIME,
                   organization: str = "pymesh") -> tuple[x509.Certificate, SigningKey]:
-    """A self-signed EC P-256 root. Its CN carries the creation time so that two roots of one
-    mesh (during a rotation) are told apart by name as well as by fingerprint."""
+    """A self-signed EC P-256 root. Its CN carries the creation time and the start of its key
+    id, so that the two roots of a rotation are told apart by name as well as by fingerprint."""
     key = ec.generate_private_key(ec.SECP256R1())
     stamp = _when(now).strftime("%Y-%m-%dT%H:%M:%SZ")
-    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
-                      x509.NameAttribute(NameOID.COMMON_NAME, f"{organization} root CA {stamp}")])
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    # two roots must never share a name: verifiers look issuers up by name
+    cn = f"{organization} root CA {stamp} {ski.digest.hex()[:8]}"
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
+                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])
     cert = (x509.CertificateBuilder()
             .subject_name(name).issuer_name(name)
             .public_key(key.public_key())
@@ -111,6 +113,14 @@ class CaPair:
     key: SigningKey
     chain: tuple[x509.Certificate, ...]
     anchor: x509.Certificate
+
+    @property
+    def intermediates(self) -> tuple[x509.Certificate, ...]:
+        """What a workload sends after its own certificate: every CA certificate below the
+        anchor (nothing when the CA is the self-signed root itself)."""
+        if fingerprint(self.cert) == fingerprint(self.anchor):
+            return ()
+        return (self.cert, *self.chain)
 
 
 def load_certificates(data: bytes, what: str) -> list[x509.Certificate]:

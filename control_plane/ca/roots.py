@@ -64,19 +64,22 @@ class RootSet:
     max_ttl: float = 0.0  # the longest workload TTL the CA has been configured with
 
     def signer(self, now: float) -> Root | None:
+        """The newest root whose time to sign has come, if this process holds its key (an
+        older root never signs again, even while it is still trusted)."""
         for root in reversed(self.roots):
-            if root.key is not None and root.sign_from <= now and not _retired(root, now):
-                return root
+            if root.sign_from <= now and not _retired(root, now):
+                return root if root.key is not None else None
         return None
 
     def current(self, now: float) -> RootSet:
         """Without retired roots, and without the keys of roots that can never sign again
-        (an older root once a newer one signs)."""
-        signer = self.signer(now)
+        (older than the newest root whose time to sign has come)."""
+        started = [r for r in self.roots if r.sign_from <= now and not _retired(r, now)]
+        newest = started[-1] if started else None
         kept: list[Root] = []
-        older = signer is not None
+        older = newest is not None
         for root in self.roots:
-            if root is signer:
+            if root is newest:
                 older = False
             if _retired(root, now):
                 continue
@@ -119,7 +122,7 @@ class RootSet:
         kept = tuple(replace(r, retire_at=retire if r.retire_at is None
                              else min(r.retire_at, retire))
                      for r in self.current(now).roots)
-        return RootSet((*kept, new), max_ttl)
+        return RootSet((*kept, new), max_ttl).current(now)
 
     def with_max_ttl(self, ttl: float) -> RootSet:
         return replace(self, max_ttl=max(self.max_ttl, ttl))
