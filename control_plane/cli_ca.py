@@ -256,7 +256,7 @@ def cmd_ca_rotate(args: argparse.Namespace, client: Any, io: Any) -> int:
     newest = max(status.roots, key=lambda r: _seconds(r, "sign_from") or 0.0, default=None)
     if newest is not None:
         when = _seconds(newest, "sign_from")
-        retiring = [r for r in status.roots if r.state == "retiring"]
+        retiring = [r for r in status.roots if r.HasField("retire_time")]
         io.out.write(f"new root {newest.fingerprint_sha256[:16]} "
                      + ("signs workload certificates from now on"
                         if newest.state == "active" else f"signs from {cli.iso(when)}")

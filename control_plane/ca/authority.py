@@ -113,6 +113,8 @@ class CertificateAuthority:
         self._cache: tuple[bytes, RootSet] | None = None  # last document read, parsed
         self._last: RootSet | None = None  # last roots in force (used while Consul is down)
         self.issued = 0  # certificates signed by this process (for metrics and tests)
+        self._listeners: list[Callable[[tuple[str, ...]], None]] = []
+        self._bundle_seen: tuple[str, ...] = ()
 
     @property
     def source(self) -> str:
@@ -168,25 +170,50 @@ class CertificateAuthority:
     def roots(self) -> RootSet:
         """The roots in force now (creating the first one if there is none)."""
         with self._lock:
-            for _ in range(MAX_WRITE_ATTEMPTS):
-                now = self._clock()
-                try:
-                    data, version = self._state.read(ROOT)
-                except Unavailable:
-                    if self._last is not None:
-                        return self._last.current(now)
-                    raise
-                stored = self._with_operator_key(self._parse(data) if data is not None
-                                                 else RootSet())
-                wanted = self._wanted(stored, now)
-                if wanted is None:
-                    self._last = stored
-                    return stored.current(now)
-                if self._state.write(ROOT, wanted.to_bytes(), version):
-                    self._last = wanted
-                    return wanted.current(now)
-            raise Unavailable("the CA state kept changing under this write (other control "
-                              "planes are writing): try again")
+            current = self._read_roots()
+        self._notify_if_changed(current)
+        return current
+
+    def _read_roots(self) -> RootSet:
+        for _ in range(MAX_WRITE_ATTEMPTS):
+            now = self._clock()
+            try:
+                data, version = self._state.read(ROOT)
+            except Unavailable:
+                if self._last is not None:
+                    return self._last.current(now)
+                raise
+            stored = self._with_operator_key(self._parse(data) if data is not None
+                                             else RootSet())
+            wanted = self._wanted(stored, now)
+            if wanted is None:
+                self._last = stored
+                return stored.current(now)
+            if self._state.write(ROOT, wanted.to_bytes(), version):
+                self._last = wanted
+                return wanted.current(now)
+        raise Unavailable("the CA state kept changing under this write (other control "
+                          "planes are writing): try again")
+
+    def on_change(self, callback: Callable[[tuple[str, ...]], None]) -> None:
+        """Call `callback(trust bundle PEMs)` whenever this CA notices the bundle changed: a
+        rotation (here or by another replica, seen at the next read), a root retired by time.
+        The control plane reads the bundle periodically (any call reads it) to notice both."""
+        self._listeners.append(callback)
+
+    def _notify_if_changed(self, roots: RootSet) -> None:
+        anchors = roots.bundle(self._clock())
+        fingerprints = tuple(c.fingerprint(a) for a in anchors)
+        with self._lock:
+            if fingerprints == self._bundle_seen:
+                return
+            self._bundle_seen = fingerprints
+        bundle = tuple(c.pem(a) for a in anchors)
+        for callback in list(self._listeners):
+            try:
+                callback(bundle)
+            except Exception:
+                log.exception("certificate authority: trust bundle listener failed")
 
     def trust_bundle(self) -> tuple[str, ...]:
         return tuple(c.pem(a) for a in self.roots().bundle(self._clock()))
@@ -261,7 +288,7 @@ class CertificateAuthority:
                     break
             else:
                 raise Unavailable("the CA state kept changing under this rotation: try again")
-        return self.view()
+        return self.view()  # reads the roots again, which tells the listeners
 
     def view(self) -> CaView:
         roots = self.roots()

@@ -538,3 +538,25 @@ def test_unusable_operator_roots_are_refused(problem: str, tmp_path: Path) -> No
                 "missing-file": "No such file", "expired": "not valid now"}[problem]
     with pytest.raises(CaConfigError, match=expected):
         load_operator_ca(cert_file, key_file, now=now)
+
+
+def test_listeners_hear_of_every_bundle_change(state: FileState, clock: Clock) -> None:
+    ca = make_ca(state, clock, ttl=HOUR)
+    heard: list[int] = []
+    ca.on_change(lambda bundle: heard.append(len(bundle)))
+    ca.trust_bundle()
+    ca.trust_bundle()
+    assert heard == [1]  # the first root, once
+    view = ca.rotate()
+    assert heard == [1, 2]
+    ca.trust_bundle()
+    assert heard == [1, 2]
+    retire = view.roots[1].retire_at
+    assert retire is not None
+    clock.now = retire
+    ca.view()
+    assert heard == [1, 2, 1]  # the old root retired by time
+    other = make_ca(state, clock, ttl=HOUR)  # another replica rotates
+    other.rotate()
+    ca.trust_bundle()
+    assert heard == [1, 2, 1, 2]
