@@ -36,6 +36,9 @@ class Settings:
     version: str = ""
     zone: str = ""
     grpc_services: tuple[str, ...] = ()
+    trace_sampling_percent: float = 1.0
+    access_log: str = "off"
+    access_log_sample: float = 1.0
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -109,6 +112,17 @@ def parser() -> argparse.ArgumentParser:
                    metavar="pkg.Service",
                    help="a gRPC service the local app serves, announced to the control plane; "
                         "repeatable; none means: ask the app's reflection service")
+    p.add_argument("--trace-sampling", type=float,
+                   default=float(_env("TRACE_SAMPLING", "1") or 0),
+                   help="percent of calls that start a new trace here (MeshConfig "
+                        "tracing.samplingPercent from the control plane overrides it); spans go "
+                        "by OTLP/gRPC to OTEL_EXPORTER_OTLP_ENDPOINT (default "
+                        "http://127.0.0.1:4317)")
+    p.add_argument("--access-log", default=_env("ACCESS_LOG", "off"),
+                   help="one JSON line per call to: off, stdout, stderr or a file path")
+    p.add_argument("--access-log-sample", type=float,
+                   default=float(_env("ACCESS_LOG_SAMPLE", "1") or 0),
+                   help="fraction of successful calls logged (errors are always logged)")
     p.add_argument("--ready-file", default=_env("READY_FILE"),
                    help="write the bound addresses as JSON to this file once listening")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"),
@@ -157,6 +171,10 @@ def _settings(args: argparse.Namespace) -> Settings:
         split_host_port(args.control_plane)
     if args.max_message_bytes <= 0:
         raise ConfigError("--max-message-bytes must be positive")
+    if not 0 <= args.trace_sampling <= 100:
+        raise ConfigError("--trace-sampling must be a percentage (0-100)")
+    if not 0 <= args.access_log_sample <= 1:
+        raise ConfigError("--access-log-sample must be between 0 and 1")
     if args.drain_timeout < 0:
         raise ConfigError("--drain-timeout must not be negative")
     return Settings(service=args.service, app=args.app, config_file=args.config,
@@ -168,4 +186,6 @@ def _settings(args: argparse.Namespace) -> Settings:
                     ready_file=args.ready_file, log_level=args.log_level,
                     control_plane=args.control_plane, state_dir=args.state_dir,
                     instance_id=args.instance_id, version=args.version, zone=args.zone,
-                    grpc_services=tuple(args.grpc_service))
+                    grpc_services=tuple(args.grpc_service),
+                    trace_sampling_percent=args.trace_sampling, access_log=args.access_log,
+                    access_log_sample=args.access_log_sample)

@@ -168,6 +168,7 @@ class Snapshot:
     inbound: RouteTable
     clusters: dict[str, Cluster]
     inbound_rate_limit: RateLimitConfig | None = None
+    trace_sampling_percent: float | None = None  # from the outbound HCM's tracing
 
     def __hash__(self) -> int:  # dict field: identity is the snapshot's version
         return hash(self.version)

@@ -34,6 +34,7 @@ from sidecar.stages.fault import FaultInjector
 from sidecar.stages.outlier import is_failure
 from sidecar.stages.rate_limit import RateLimiter
 from sidecar.stages.retry import RetryState, with_previous_attempts
+from sidecar.telemetry.calls import CallRecord, Telemetry
 from sidecar.upstream.pool import UpstreamChannel
 from sidecar.upstream.request_writer import ReplayingWriter, write_all
 
@@ -49,8 +50,11 @@ class ProxyHandler(grpc.GenericRpcHandler):
 
     def __init__(self, direction: Direction, sidecar_name: str,
                  plane: Callable[[], DataPlane], shapes: MethodShapes,
-                 max_message_bytes: int, rng: random.Random | None = None) -> None:
+                 max_message_bytes: int, telemetry: Telemetry,
+                 local_address: str | None = None, rng: random.Random | None = None) -> None:
         self._direction = direction
+        self._telemetry = telemetry
+        self._local_address = local_address
         self._random = rng or random.Random()
         self._faults: dict[int, tuple[Route, FaultInjector]] = {}  # by id(route)
         self._max_bytes = max_message_bytes
@@ -125,43 +129,58 @@ class ProxyHandler(grpc.GenericRpcHandler):
 
     async def _stream_call(self, method: str, service: str, _requests: Any,
                            context: grpc.aio.ServicerContext) -> None:
-        task = asyncio.current_task()
-        self._active.add(task)
-        try:
-            await self._forward_stream(method, service, context, task)
-        except asyncio.CancelledError:
-            if self._cut_off_message is None:
-                raise  # the caller cancelled
-            await context.abort(grpc.StatusCode.UNAVAILABLE, self._cut_off_message)
-        finally:
-            self._active.discard(task)
-            if not self._active:
-                self._idle.set()
+        record = self._begin(method, context)
+        await self._observed(self._forward_stream(method, service, context,
+                                                  asyncio.current_task(), record),
+                             method, context, record)
 
     async def _unary_call(self, method: str, request: bytes,
                           context: grpc.aio.ServicerContext) -> bytes | None:
+        record = self._begin(method, context)
+        result: bytes | None = await self._observed(
+            self._forward_unary(method, request, context, record), method, context, record)
+        return result
+
+    def _begin(self, method: str, context: grpc.aio.ServicerContext) -> CallRecord:
+        return self._telemetry.begin(self._direction, method, context.invocation_metadata(),
+                                     context, self._local_address)
+
+    async def _observed(self, forward: Any, method: str, context: grpc.aio.ServicerContext,
+                        record: CallRecord) -> Any:
+        """Run one call's forwarding: counted in flight (for the drain), cut off with a clear
+        status if the drain times out, and recorded (span, metrics, access log) at the end."""
         task = asyncio.current_task()
         self._active.add(task)
+        code: grpc.StatusCode = grpc.StatusCode.OK
         try:
-            return await self._forward_unary(method, request, context)
+            return await forward
         except asyncio.CancelledError:
             if self._cut_off_message is None:
-                raise
+                code = grpc.StatusCode.CANCELLED
+                raise  # the caller cancelled
+            code = grpc.StatusCode.UNAVAILABLE
             await context.abort(grpc.StatusCode.UNAVAILABLE, self._cut_off_message)
             return None
+        except Exception:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
         finally:
             self._active.discard(task)
             if not self._active:
                 self._idle.set()
+            final = context.code() or code
+            self._telemetry.end(record, self._direction, method, final, context.details(),
+                                self._caller(context))
 
     # --- forwarding ---------------------------------------------------------------------
     def _hop(self, message: str) -> str:
         return f"mesh sidecar {self._name!r} ({self._direction.value}): {message}"
 
     async def _rate_limit(self, limiter: RateLimiter, method: str,
-                          context: grpc.aio.ServicerContext) -> None:
+                          context: grpc.aio.ServicerContext, record: CallRecord) -> None:
         refusal = limiter.check(method, self._caller(context))
         if refusal is not None:
+            record.metrics.rate_limited()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._hop(refusal))
 
     def _caller(self, context: grpc.aio.ServicerContext) -> str | None:
@@ -185,6 +204,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
             if decision.abort is not None:
                 await context.abort(decision.abort, self._hop(injector.abort_message(route.name)))
         if not target.cluster.breaker.try_acquire():
+            self._telemetry.metrics.breaker_trip(target.cluster.config.name)
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 self._hop(target.cluster.breaker.request_message()))
 
@@ -196,11 +216,12 @@ class ProxyHandler(grpc.GenericRpcHandler):
         return details
 
     async def _forward_stream(self, method: str, service: str,
-                              context: grpc.aio.ServicerContext, owner: Any) -> None:
+                              context: grpc.aio.ServicerContext, owner: Any,
+                              record: CallRecord) -> None:
         metadata = context.invocation_metadata()
         plane = self._plane()
         if plane.rate_limiter is not None and self._direction is Direction.INBOUND:
-            await self._rate_limit(plane.rate_limiter, method, context)
+            await self._rate_limit(plane.rate_limiter, method, context, record)
         target = plane.resolve(self._direction, method, metadata)
         if isinstance(target, Refusal):
             await context.abort(target.code, target.message)  # raises
@@ -218,13 +239,14 @@ class ProxyHandler(grpc.GenericRpcHandler):
             if self._shapes.should_ask(service):
                 self._shapes.learn_from(service, upstream.channel)
             timeout, by_mesh = _timeout(context, route.timeout)
-            fwd = forwardable(metadata)
+            fwd = record.headers(forwardable(metadata))
+            record.attempt(upstream.address, cluster.config.name)
             if route.retry is None:
                 await self._stream_once(method, context, owner, cluster, upstream, fwd, timeout,
                                         by_mesh, route)
             else:
                 await self._stream_with_retries(method, context, owner, cluster, upstream, fwd,
-                                                timeout, by_mesh, route, hash_key)
+                                                timeout, by_mesh, route, hash_key, record)
         finally:
             cluster.breaker.release()
 
@@ -251,7 +273,8 @@ class ProxyHandler(grpc.GenericRpcHandler):
     async def _stream_with_retries(self, method: str, context: grpc.aio.ServicerContext,
                                    owner: Any, cluster: ClusterRuntime,
                                    upstream: UpstreamChannel, fwd: Any, timeout: float | None,
-                                   by_mesh: bool, route: Route, hash_key: str | None) -> None:
+                                   by_mesh: bool, route: Route, hash_key: str | None,
+                                   record: CallRecord) -> None:
         assert route.retry is not None
         state = RetryState(route.retry, self._random)
         budget = cluster.budget
@@ -289,9 +312,11 @@ class ProxyHandler(grpc.GenericRpcHandler):
                     if decision.retry:
                         nxt = cluster.pick(hash_key, upstream)
                         if nxt is not None:
+                            record.retried(code, upstream.address)
                             if decision.delay:
                                 await asyncio.sleep(decision.delay)
                             upstream = nxt
+                            record.attempt(upstream.address, cluster.config.name)
                             continue
                 self._finish(context, code, details, headers_sent, upstream, cluster, route,
                              by_mesh or attempt_deadline != deadline, state.attempts, trailing)
@@ -358,14 +383,15 @@ class ProxyHandler(grpc.GenericRpcHandler):
                 context.set_details(details)
 
     async def _forward_unary(self, method: str, request: bytes,
-                             context: grpc.aio.ServicerContext) -> bytes | None:
+                             context: grpc.aio.ServicerContext,
+                             record: CallRecord) -> bytes | None:
         if len(request) > self._max_bytes:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 self._too_large("request", len(request)))
         metadata = context.invocation_metadata()
         plane = self._plane()
         if plane.rate_limiter is not None and self._direction is Direction.INBOUND:
-            await self._rate_limit(plane.rate_limiter, method, context)
+            await self._rate_limit(plane.rate_limiter, method, context, record)
         target = plane.resolve(self._direction, method, metadata)
         if isinstance(target, Refusal):
             await context.abort(target.code, target.message)  # raises
@@ -376,7 +402,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
         try:
             hash_key = _header(metadata, route.hash_header) if route.hash_header else None
             timeout, by_mesh = _timeout(context, route.timeout)
-            fwd = forwardable(metadata)
+            fwd = record.headers(forwardable(metadata))
             retry = route.retry
             state = RetryState(retry, self._random) if retry is not None else None
             budget = cluster.budget
@@ -398,6 +424,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
                     attempt_timeout = None if attempt_deadline is None else attempt_deadline - now
                     by_mesh = by_mesh or attempt_deadline != deadline
                     md = with_previous_attempts(fwd, state.previous_attempts)
+                record.attempt(upstream.address, cluster.config.name)
                 call = upstream.unary(method)(request, timeout=attempt_timeout, metadata=md)
                 try:
                     response = await call
@@ -413,6 +440,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
                         if decision.retry:
                             nxt = cluster.pick(hash_key, upstream)
                             if nxt is not None:
+                                record.retried(code, upstream.address)
                                 if decision.delay:
                                     await asyncio.sleep(decision.delay)
                                 if cluster.finished is not None:

@@ -25,6 +25,10 @@ from sidecar.method_shapes import MethodShapes
 from sidecar.model import Direction, Snapshot
 from sidecar.proxy import ProxyHandler
 from sidecar.static_config import XdsResources, split_host_port
+from sidecar.telemetry.access_log import AccessLog, AccessLogConfig
+from sidecar.telemetry.calls import Telemetry
+from sidecar.telemetry.metrics import SidecarMetrics
+from sidecar.telemetry.tracing import SidecarTracing
 from sidecar.upstream.pool import ChannelPool
 from sidecar.xds_translate import compile_snapshot
 
@@ -47,12 +51,18 @@ class Sidecar:
             self._limit_options.append(("grpc.minimal_stack", 1))
         self.pool = ChannelPool(self._limit_options)
         self.shapes = MethodShapes(settings.unary_methods, learn=settings.learn_method_shapes)
+        self.telemetry = Telemetry(
+            SidecarTracing(settings.service, ratio=settings.trace_sampling_percent / 100.0),
+            SidecarMetrics(settings.service, version=settings.version),
+            AccessLog(AccessLogConfig(settings.access_log, settings.access_log_sample),
+                      settings.service))
+        self.telemetry.metrics.watch_access_log(lambda: self.telemetry.access_log.dropped)
         self._plane: DataPlane | None = None
         self._resources = XdsResources()
         self._servers: dict[Direction, grpc.aio.Server] = {}
         self._handlers: dict[Direction, ProxyHandler] = {}
         self._admin = AdminServer({"/ready": self._ready, "/config_dump": self._config_dump,
-                                   "/clusters": self._clusters})
+                                   "/clusters": self._clusters, "/metrics": self._metrics})
         self.addresses: dict[str, str] = {}
         self.draining = False
         self._applied_at = 0.0
@@ -76,6 +86,12 @@ class Sidecar:
         self._resources = resources
         self._applied_at = time.time()
         self.pool.retain(self._plane.addresses())
+        self.telemetry.metrics.config_applied(version, self._applied_at)
+        for name, runtime in self._plane.clusters.items():
+            if runtime.detector is not None:
+                self.telemetry.metrics.set_ejected(name, len(runtime.detector.ejected))
+        if snapshot.trace_sampling_percent is not None:
+            self.telemetry.tracing.set_sampling_ratio(snapshot.trace_sampling_percent / 100.0)
         log.info("config version %r active: %d clusters", version, len(snapshot.clusters))
         return snapshot
 
@@ -94,7 +110,7 @@ class Sidecar:
                                    (Direction.INBOUND, self.settings.inbound)):
             server = grpc.aio.server(options=server_options)
             handler = ProxyHandler(direction, self.settings.service, self.plane, self.shapes,
-                                   self.settings.max_message_bytes)
+                                   self.settings.max_message_bytes, self.telemetry, address)
             self._handlers[direction] = handler
             server.add_generic_rpc_handlers((handler,))
             port = server.add_insecure_port(address)
@@ -149,6 +165,9 @@ class Sidecar:
         await asyncio.gather(*stopping, return_exceptions=True)
         await self.shapes.close()
         await self.pool.close(0)
+        # Flush what telemetry is queued, briefly: a dead trace backend must not hold the exit.
+        await asyncio.gather(asyncio.to_thread(self.telemetry.tracing.shutdown, 0.5),
+                             asyncio.to_thread(self.telemetry.access_log.close, 0.5))
         await self._admin.close()
 
     async def wait_closed(self) -> None:
@@ -163,6 +182,10 @@ class Sidecar:
         if self.xds is not None and not (self.xds.synced.is_set() or self.xds.source):
             return Response(503, b"waiting for config from the control plane\n")
         return Response(200, b"ready\n")
+
+    def _metrics(self, _query: str) -> Response:
+        body, content_type = self.telemetry.metrics.render()
+        return Response(200, body, content_type)
 
     def _config_dump(self, _query: str) -> Response:
         snapshot = self.plane().snapshot

@@ -72,11 +72,16 @@ def compile_snapshot(version: str,
                      ) -> Snapshot:
     tables: dict[Direction, RouteTable] = {}
     rate_limit = None
+    sampling = None
     for listener in listeners:
         direction = _direction(listener)
         if direction in tables:
             raise ConfigError(f"listener {listener.name!r}: a second {direction.value} listener")
         tables[direction] = _route_table(listener, route_configs)
+        if direction is Direction.OUTBOUND:
+            hcm = _http_connection_manager(listener)
+            if hcm.HasField("tracing") and hcm.tracing.HasField("random_sampling"):
+                sampling = min(100.0, max(0.0, hcm.tracing.random_sampling.value))
         if direction is Direction.INBOUND:
             try:
                 rate_limit = rate_limit_of(_http_connection_manager(listener),
@@ -100,7 +105,8 @@ def compile_snapshot(version: str,
     return Snapshot(version=version,
                     outbound=tables.get(Direction.OUTBOUND, empty),
                     inbound=tables.get(Direction.INBOUND, empty),
-                    clusters=compiled, inbound_rate_limit=rate_limit)
+                    clusters=compiled, inbound_rate_limit=rate_limit,
+                    trace_sampling_percent=sampling)
 
 
 def _direction(listener: listener_pb2.Listener) -> Direction:
