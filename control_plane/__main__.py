@@ -16,8 +16,18 @@ from typing import Any
 
 import grpc
 
-from control_plane import policy_api, status_api
+from control_plane import ca_api, policy_api, status_api
 from control_plane.ads_server import SERVER_OPTIONS, AdsServer, ProviderNotReady
+from control_plane.ca import (
+    CertificateAuthority,
+    ConsulState,
+    FileState,
+    StateBackend,
+    TokenStore,
+    check_ttl,
+    load_operator_ca,
+)
+from control_plane.cli_ca import parse_duration
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.policy.store import ConsulKVStore, FileStore, PolicyStore, StoreError
 from control_plane.registry import persist
@@ -34,6 +44,13 @@ _REGISTRY_DEBOUNCE = 0.1  # seconds: registry changes closer than this are pushe
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"MESH_{name}", default)
+
+
+def _cert_ttl(text: str) -> float:
+    try:
+        return check_ttl(parse_duration(text))
+    except ValueError as e:  # argparse.ArgumentTypeError is one
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -57,6 +74,14 @@ def parser() -> argparse.ArgumentParser:
                    help="where the local policy file is kept (without --consul)")
     p.add_argument("--grace", type=float, default=float(_env("CP_GRACE", "5") or 5),
                    help="seconds an announced instance stays after its sidecar disconnects")
+    p.add_argument("--ca-cert", default=_env("CP_CA_CERT"),
+                   help="the CA certificate to sign workload certificates with (PEM; may be "
+                        "followed by its chain up to a self-signed root); unset means a root "
+                        "generated at first start and kept in the state dir or Consul KV")
+    p.add_argument("--ca-key", default=_env("CP_CA_KEY"),
+                   help="the --ca-cert's private key (PEM, unencrypted; keep it mode 0600)")
+    p.add_argument("--cert-ttl", type=_cert_ttl, default=_env("CP_CERT_TTL", "24h"),
+                   help="lifetime of workload certificates, 1m to 2160h")
     p.add_argument("--ready-file", default=_env("CP_READY_FILE"),
                    help="write the bound addresses as JSON here once listening")
     p.add_argument("--log-level", default=_env("CP_LOG_LEVEL", "INFO"),
@@ -76,6 +101,8 @@ class ControlPlane:
             self.registry = ConsulRegistry(args.consul, grace=args.grace)
             kv = ConsulKVStore(consul.Consul(host=self.registry.host, port=self.registry.port,
                                              scheme=self.registry.scheme))
+            ca_state: StateBackend = ConsulState(consul.Consul(
+                host=self.registry.host, port=self.registry.port, scheme=self.registry.scheme))
             kv.start()
             self.store = kv
             self.source_name = "consul"
@@ -87,6 +114,13 @@ class ControlPlane:
                 log.info("restored %d instances announced before the restart", restored)
             self.store = FileStore(os.path.join(args.state_dir, "policies.json"))
             self.source_name = "embedded"
+            ca_state = FileState(args.state_dir)
+        if bool(args.ca_cert) != bool(args.ca_key):
+            raise ValueError("--ca-cert and --ca-key go together")
+        operator = load_operator_ca(args.ca_cert, args.ca_key) if args.ca_cert else None
+        self.ca = CertificateAuthority(ca_state, trust_domain=self._trust_domain,
+                                       ttl=args.cert_ttl, operator=operator)
+        self.tokens = TokenStore(ca_state)
         self.ads = AdsServer(_UntilReady(TranslationProvider(self.registry.view,
                                                              self.store.policy_set),
                                          self._not_ready),
@@ -98,6 +132,12 @@ class ControlPlane:
         self.addresses: dict[str, str] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._unsubscribe: Callable[[], None] | None = None
+
+    def _trust_domain(self) -> str | None:
+        """MeshConfig's trust domain; None until the policies have been read."""
+        if isinstance(self.store, ConsulKVStore) and not self.store.ready.is_set():
+            return None
+        return self.store.policy_set().mesh_config().trust_domain
 
     async def _announce(self, node: object, owner: object) -> None:
         instance = instance_from_node(node)  # NodeMetadataError rejects the stream
@@ -122,6 +162,8 @@ class ControlPlane:
         self._tasks.append(loop.create_task(self._notify_when_ready()))
         self.ads.add_to_server(self.server)
         policy_api.add_to_server(self.server, self.store)
+        await asyncio.to_thread(self.ca.start)
+        ca_api.add_to_server(self.server, self.ca, self.tokens)
         status_api.add_to_server(self.server, self.ads.proxy_status,
                                  status_api.registry_report({self.source_name: self.registry}))
         port = self.server.add_insecure_port(self.args.listen)
