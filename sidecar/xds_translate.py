@@ -372,6 +372,8 @@ def _outlier(od: outlier_detection_pb2.OutlierDetection, where: str) -> OutlierC
                                if od.HasField("max_ejection_time") else 300.0),
             max_ejection_percent=value("max_ejection_percent", 10),
             failure_percentage=failure,
-            enforcing_consecutive_errors=value("enforcing_consecutive_5xx", 100))
+            enforcing_consecutive_errors=value("enforcing_consecutive_5xx", 100),
+            # as Envoy and gRPC (A50): max_ejection_percent never blocks the first ejection
+            eject_at_least_one=True)
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
