@@ -21,10 +21,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from mesh.v1 import policy_pb2, policy_pb2_grpc, status_pb2, status_pb2_grpc
@@ -208,13 +208,22 @@ def node_id(service: str, instance_id: str) -> str:
     return f"{service}~{instance_id}"
 
 
+class App(Protocol):
+    """What an instance's app must offer (IdentityServer, tests/e2e/flaky_app.FlakyApp)."""
+
+    name: str
+    address: str
+
+    def stop(self) -> None: ...
+
+
 @dataclass
 class MeshInstance:
     """One instance of a service: its app and the sidecar in front of it."""
 
     instance_id: str
     version: str
-    app: IdentityServer
+    app: Any  # an App: IdentityServer unless the test brought its own
     sidecar: ManagedProcess
     service: str = ORDERS
 
@@ -228,9 +237,11 @@ class MeshInstance:
 
 
 def start_instance(control_plane: str, state_root: Path, instance_id: str, version: str, *,
-                   service: str = ORDERS, grpc_service: str = ORDERS_GRPC) -> MeshInstance:
-    """An IdentityServer named `instance_id` behind a sidecar that announces it."""
-    app = IdentityServer(instance_id)
+                   service: str = ORDERS, grpc_service: str = ORDERS_GRPC,
+                   app: App | None = None) -> MeshInstance:
+    """An IdentityServer named `instance_id` (or `app`, already running) behind a sidecar that
+    announces it. The app is stopped if the sidecar does not start."""
+    app = IdentityServer(instance_id) if app is None else app
     try:
         sidecar = start_sidecar(service=service, app=app.address, name=f"sidecar-{instance_id}",
                                 extra=["--control-plane", control_plane, "--version", version,
@@ -441,13 +452,16 @@ class Mesh:
 def start_mesh(root: Path, cp: ControlPlane,
                versions: Sequence[tuple[str, str]] = (("orders-1", "v1"), ("orders-2", "v1"),
                                                       ("orders-3", "v2")),
-               client_id: str = "frontend-1") -> Mesh:
+               client_id: str = "frontend-1",
+               make_app: Callable[[str], App] | None = None) -> Mesh:
     """Sidecars for `versions` ((instance id, version) of orders) and one client sidecar, all
-    following `cp`; returns once every one of them is SYNCED."""
+    following `cp`; returns once every one of them is SYNCED. `make_app(instance_id)` makes
+    each instance's app (default: an IdentityServer)."""
     instances: list[MeshInstance] = []
     try:
         for instance_id, version in versions:
-            instances.append(start_instance(cp.address, root, instance_id, version))
+            app = make_app(instance_id) if make_app is not None else None
+            instances.append(start_instance(cp.address, root, instance_id, version, app=app))
         client = start_client_sidecar(cp.address, root / client_id, client_id)
     except BaseException:
         stop_all([*(i.sidecar for i in instances), *(i.app for i in instances), cp])
