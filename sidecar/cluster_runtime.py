@@ -18,7 +18,7 @@ from sidecar.balancer.least_request import LeastRequest
 from sidecar.balancer.ring_hash import RingHash
 from sidecar.balancer.weighted import WeightedRoundRobin
 from sidecar.balancer.zone_aware import ZoneAware
-from sidecar.model import Cluster, LbPolicy
+from sidecar.model import Cluster, LbPolicy, RetryBudgetConfig
 from sidecar.stages.breaker import CircuitBreaker
 from sidecar.stages.outlier import OutlierDetector
 from sidecar.stages.retry_budget import RetryBudget
@@ -27,6 +27,7 @@ from sidecar.upstream.pool import ChannelPool, UpstreamChannel
 
 class ClusterRuntime:
     __slots__ = (
+        "_budget_config",
         "_clock",
         "_local_zone",
         "_random",
@@ -49,6 +50,7 @@ class ClusterRuntime:
         self.breaker = CircuitBreaker(config.name, config.max_requests, config.max_pending)
         self.detector: OutlierDetector[UpstreamChannel] | None = None
         self.budget: RetryBudget | None = None
+        self._budget_config: RetryBudgetConfig | None = None
         self.picker: Any = None
         self.ring: RingHash[UpstreamChannel] | None = None
         self.finished: Callable[[UpstreamChannel], None] | None = None
@@ -76,12 +78,13 @@ class ClusterRuntime:
             self.detector.update_hosts(channels)
         if self.detector is not None:
             self.picker.set_excluded(self.detector.ejected)
-        if config.retry_budget is None:
+        budget = config.retry_budget
+        if budget is None:
             self.budget = None
-        elif self.budget is None:
-            self.budget = RetryBudget(config.retry_budget.retry_ratio,
-                                      config.retry_budget.min_retries_per_second,
+        elif self.budget is None or budget != self._budget_config:
+            self.budget = RetryBudget(budget.retry_ratio, budget.min_retries_per_second,
                                       clock=self._clock)
+        self._budget_config = budget
 
     def _picker(self, config: Cluster, channels: Sequence[UpstreamChannel],
                 weights: Sequence[int]) -> Any:

@@ -75,7 +75,13 @@ class DataPlane:
             return Refusal(grpc.StatusCode.UNIMPLEMENTED,
                            f"mesh sidecar {self._name!r} ({direction.value}): no route for gRPC "
                            f"service {service!r} (method {method})")
-        return Target(route, self.clusters[router.pick_cluster(route)])
+        name = router.pick_cluster(route)
+        cluster = self.clusters.get(name)
+        if cluster is None:
+            return Refusal(grpc.StatusCode.UNAVAILABLE,
+                           f"mesh sidecar {self._name!r} ({direction.value}): route "
+                           f"{route.name!r} names cluster {name!r}, which is not (yet) known")
+        return Target(route, cluster)
 
     def no_endpoint(self, direction: Direction, cluster: str) -> Refusal:
         return Refusal(grpc.StatusCode.UNAVAILABLE,

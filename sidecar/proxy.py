@@ -54,7 +54,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
                  local_address: str | None = None, rng: random.Random | None = None) -> None:
         self._direction = direction
         self._telemetry = telemetry
-        self._local_address = local_address
+        self.local_address = local_address
         self._random = rng or random.Random()
         self._faults: dict[int, tuple[Route, FaultInjector]] = {}  # by id(route)
         self._max_bytes = max_message_bytes
@@ -143,7 +143,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
 
     def _begin(self, method: str, context: grpc.aio.ServicerContext) -> CallRecord:
         return self._telemetry.begin(self._direction, method, context.invocation_metadata(),
-                                     context, self._local_address)
+                                     context, self.local_address)
 
     async def _observed(self, forward: Any, method: str, context: grpc.aio.ServicerContext,
                         record: CallRecord) -> Any:
@@ -170,7 +170,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
                 self._idle.set()
             final = context.code() or code
             self._telemetry.end(record, self._direction, method, final, context.details(),
-                                self._caller(context))
+                                self._caller(context) or context.peer())
 
     # --- forwarding ---------------------------------------------------------------------
     def _hop(self, message: str) -> str:

@@ -77,7 +77,8 @@ class Sidecar:
     def apply(self, version: str, resources: XdsResources) -> Snapshot:
         """Compile and swap in a new config; raises ConfigError and keeps the old one if bad."""
         snapshot = compile_snapshot(version, resources.listeners, resources.route_configs,
-                                    resources.clusters, resources.load_assignments)
+                                    resources.clusters, resources.load_assignments,
+                                    require_clusters=not resources.dynamic)
         old = self._plane
         self._plane = DataPlane(snapshot, self.pool, self.settings.service,
                                 old.clusters if old is not None else None,
@@ -119,6 +120,7 @@ class Sidecar:
             await server.start()
             self._servers[direction] = server
             self.addresses[direction.value] = _with_port(address, port)
+            handler.local_address = self.addresses[direction.value]  # the bound port, not 0
         self._poller = asyncio.get_running_loop().create_task(self._poll_clusters())
         host, port = split_host_port(self.settings.admin)
         admin_port = await self._admin.start(host, port)

@@ -37,6 +37,9 @@ class XdsResources:
     route_configs: dict[str, route_pb2.RouteConfiguration] = field(default_factory=dict)
     clusters: list[cluster_pb2.Cluster] = field(default_factory=list)
     load_assignments: dict[str, endpoint_pb2.ClusterLoadAssignment] = field(default_factory=dict)
+    # From a control plane: a route may name a cluster that is not there (yet), as xDS allows
+    # while updates of different types arrive one after another; such calls fail UNAVAILABLE.
+    dynamic: bool = False
 
 
 def load_file(path: str) -> XdsResources:
@@ -88,6 +91,7 @@ def merge(base: XdsResources, extra: XdsResources) -> XdsResources:
         route_configs={**extra.route_configs, **base.route_configs},
         clusters=base.clusters + [c for c in extra.clusters if c.name not in names],
         load_assignments={**extra.load_assignments, **base.load_assignments},
+        dynamic=base.dynamic or extra.dynamic,
     )
 
 

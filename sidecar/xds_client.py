@@ -453,7 +453,8 @@ def _resources(view: Mapping[str, Mapping[str, Message]]) -> XdsResources:
                        for n in sorted(wanted[ROUTE_TYPE]) if n in routes},
         clusters=[_typed(clusters[n], cluster_pb2.Cluster) for n in sorted(clusters)],
         load_assignments={n: _typed(endpoints[n], endpoint_pb2.ClusterLoadAssignment)
-                          for n in sorted(wanted[ENDPOINT_TYPE]) if n in endpoints})
+                          for n in sorted(wanted[ENDPOINT_TYPE]) if n in endpoints},
+        dynamic=True)
 
 
 def _typed(message: Message, cls: type[_M]) -> _M:
@@ -467,7 +468,7 @@ def _validate_partial(merged: XdsResources, view: Mapping[str, Mapping[str, Mess
     for name in ClientCore._wanted(view)[ROUTE_TYPE] - routes.keys():
         routes[name] = route_pb2.RouteConfiguration(name=name)
     compile_snapshot("partial", merged.listeners, routes, merged.clusters,
-                     merged.load_assignments)
+                     merged.load_assignments, require_clusters=False)
 
 
 def _digest(resources: XdsResources) -> str:

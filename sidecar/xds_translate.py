@@ -69,7 +69,10 @@ def compile_snapshot(version: str,
                      route_configs: Mapping[str, route_pb2.RouteConfiguration],
                      clusters: Iterable[cluster_pb2.Cluster],
                      load_assignments: Mapping[str, endpoint_pb2.ClusterLoadAssignment],
-                     ) -> Snapshot:
+                     require_clusters: bool = True) -> Snapshot:
+    """require_clusters=False (config from a control plane): a route may name a cluster that
+    is not defined, as xDS allows while CDS and RDS updates arrive one after the other; calls
+    routed there fail UNAVAILABLE until it arrives. A static file must be complete."""
     tables: dict[Direction, RouteTable] = {}
     rate_limit = None
     sampling = None
@@ -95,7 +98,7 @@ def compile_snapshot(version: str,
             raise ConfigError(f"cluster {cluster.name!r}: duplicate name")
         compiled[cluster.name] = _cluster(cluster, load_assignments)
 
-    for table in tables.values():
+    for table in tables.values() if require_clusters else ():
         for route in table.routes:
             for wc in route.clusters:
                 if wc.name not in compiled:

@@ -23,10 +23,11 @@ Metadata = tuple[tuple[str, str | bytes], ...]
 
 
 class CallRecord:
-    __slots__ = ("attempts", "metrics", "span", "started", "started_wall", "upstream")
+    __slots__ = ("attempts", "client", "metrics", "span", "started", "started_wall", "upstream")
 
-    def __init__(self, span: CallSpan, metrics: CallMetrics) -> None:
+    def __init__(self, span: CallSpan, metrics: CallMetrics, client: bool) -> None:
         self.span = span
+        self.client = client
         self.metrics = metrics
         self.upstream: str | None = None
         self.attempts = 1
@@ -39,7 +40,8 @@ class CallRecord:
 
     def attempt(self, upstream: str, cluster: str) -> None:
         self.upstream = upstream
-        self.span.set_upstream(upstream, cluster)
+        if self.client:  # a SERVER span's server.* / network.peer.* describe the inbound hop
+            self.span.set_upstream(upstream, cluster)
 
     def retried(self, code: grpc.StatusCode, upstream: str) -> None:
         self.span.record_retry(self.attempts, code, upstream)
@@ -65,7 +67,7 @@ class Telemetry:
                                                   local_address=local_address)
         call_metrics = self.metrics.call(direction.value, method)
         call_metrics.start()
-        return CallRecord(span, call_metrics)
+        return CallRecord(span, call_metrics, direction is Direction.OUTBOUND)
 
     def end(self, record: CallRecord, direction: Direction, method: str,
             code: grpc.StatusCode, details: str | None, caller: str | None) -> None:
