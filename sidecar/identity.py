@@ -35,7 +35,7 @@ from cryptography.x509.oid import NameOID
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRUST_DOMAIN = "mesh.local"
+DEFAULT_TRUST_DOMAIN = "pymesh.local"  # MeshConfig spec.trustDomain default
 SPIFFE_SCHEME = "spiffe://"
 
 
