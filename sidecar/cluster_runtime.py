@@ -29,7 +29,9 @@ class ClusterRuntime:
     __slots__ = (
         "_budget_config",
         "_clock",
+        "_last_ejected",
         "_local_zone",
+        "_on_ejection",
         "_random",
         "breaker",
         "budget",
@@ -38,12 +40,19 @@ class ClusterRuntime:
         "finished",
         "picker",
         "ring",
+        "stats",
         "zone_of",
     )
 
     def __init__(self, config: Cluster, pool: ChannelPool, *, local_zone: str = "",
                  rng: random.Random | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_ejection: Callable[[str, int, int], None] | None = None) -> None:
+        """on_ejection(cluster, newly_ejected, ejected_now): for the metrics."""
+        self._on_ejection = on_ejection
+        self._last_ejected: frozenset[UpstreamChannel] = frozenset()
+        # per endpoint address: [calls that succeeded, calls that failed], for /clusters
+        self.stats: dict[str, list[int]] = {}
         self._random = rng or random.Random()
         self._clock = clock
         self._local_zone = local_zone
@@ -108,6 +117,9 @@ class ClusterRuntime:
     def _ejected(self, ejected: frozenset[UpstreamChannel]) -> None:
         if self.picker is not None:
             self.picker.set_excluded(ejected)
+        if self._on_ejection is not None:
+            self._on_ejection(self.config.name, len(ejected - self._last_ejected), len(ejected))
+        self._last_ejected = ejected
 
     # --- per call -----------------------------------------------------------------------
     def pick(self, hash_key: str | None, avoid: UpstreamChannel | None) -> UpstreamChannel | None:
@@ -118,6 +130,10 @@ class ClusterRuntime:
         return result
 
     def record(self, upstream: UpstreamChannel, success: bool) -> None:
+        counts = self.stats.get(upstream.address)
+        if counts is None:
+            counts = self.stats[upstream.address] = [0, 0]
+        counts[0 if success else 1] += 1
         detector = self.detector
         if detector is not None:
             detector.record(upstream, success)

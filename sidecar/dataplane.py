@@ -9,7 +9,7 @@ that are carried from one DataPlane to the next.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
@@ -39,7 +39,8 @@ class DataPlane:
     def __init__(self, snapshot: Snapshot, pool: ChannelPool, sidecar_name: str,
                  clusters: dict[str, ClusterRuntime] | None = None, *, local_zone: str = "",
                  rng: random.Random | None = None,
-                 previous_limiter: RateLimiter | None = None) -> None:
+                 previous_limiter: RateLimiter | None = None,
+                 on_ejection: Callable[[str, int, int], None] | None = None) -> None:
         """`clusters`: the live cluster state of the previous DataPlane, reused by name."""
         self.snapshot = snapshot
         self._name = sidecar_name
@@ -51,7 +52,8 @@ class DataPlane:
         for name, config in snapshot.clusters.items():
             runtime = previous.get(name)
             if runtime is None:
-                runtime = ClusterRuntime(config, pool, local_zone=local_zone, rng=rng)
+                runtime = ClusterRuntime(config, pool, local_zone=local_zone, rng=rng,
+                                         on_ejection=on_ejection)
             elif runtime.config != config:
                 runtime.update(config, pool)
             self.clusters[name] = runtime

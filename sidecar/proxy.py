@@ -43,6 +43,7 @@ _CONNECT_FAILURES = ("failed to connect to all addresses", "Connection refused",
                      "connections to all backends failing", "Socket closed",
                      "Connection reset", "Broken pipe", "Cancelling all calls")
 _HANDLER_CACHE_LIMIT = 4096
+_READY = grpc.ChannelConnectivity.READY
 
 
 class ProxyHandler(grpc.GenericRpcHandler):
@@ -208,6 +209,28 @@ class ProxyHandler(grpc.GenericRpcHandler):
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 self._hop(target.cluster.breaker.request_message()))
 
+    async def _pending(self, cluster: ClusterRuntime, upstream: UpstreamChannel,
+                       context: grpc.aio.ServicerContext) -> bool:
+        """A call that must wait for a connection counts against the cluster's
+        max_pending_requests (refused at once beyond it); True if it is pending."""
+        if upstream.channel.get_state() is _READY:
+            return False
+        if not cluster.breaker.try_enter_pending():
+            self._telemetry.metrics.breaker_trip(cluster.config.name, "max_pending_requests")
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                self._hop(cluster.breaker.pending_message()))
+        return True
+
+    @staticmethod
+    async def _connected(cluster: ClusterRuntime, call: Any) -> None:
+        """A pending call stops being pending once its connection is up (or it failed)."""
+        try:
+            await call.wait_for_connection()
+        except AioRpcError:
+            pass
+        finally:
+            cluster.breaker.leave_pending()
+
     def _deadline_message(self, code: grpc.StatusCode, details: str | None, by_mesh: bool,
                           route: Route, upstream: str, attempts: int) -> str | None:
         if code is grpc.StatusCode.DEADLINE_EXCEEDED and by_mesh:
@@ -253,10 +276,13 @@ class ProxyHandler(grpc.GenericRpcHandler):
     async def _stream_once(self, method: str, context: grpc.aio.ServicerContext, owner: Any,
                            cluster: ClusterRuntime, upstream: UpstreamChannel, fwd: Any,
                            timeout: float | None, by_mesh: bool, route: Route) -> None:
+        pending = await self._pending(cluster, upstream, context)
         call = upstream.stream(method)(timeout=timeout, metadata=fwd)
         pump = asyncio.get_running_loop().create_task(
             write_all(call, context.read, self._max_bytes, self._too_large, owner))
         try:
+            if pending:
+                await self._connected(cluster, call)
             outcome = await self._relay_responses(call, context, pump)
             if outcome is not None:
                 code, details, headers_sent = outcome
@@ -290,9 +316,12 @@ class ProxyHandler(grpc.GenericRpcHandler):
                 now = loop.time()
                 attempt_deadline = state.attempt_deadline(now, deadline)
                 attempt_timeout = None if attempt_deadline is None else attempt_deadline - now
+                pending = await self._pending(cluster, upstream, context)
                 call = upstream.stream(method)(
                     timeout=attempt_timeout,
                     metadata=with_previous_attempts(fwd, state.previous_attempts))
+                if pending:
+                    await self._connected(cluster, call)
                 await writer.attach(call)
                 if pump is None:
                     pump = loop.create_task(
@@ -425,8 +454,11 @@ class ProxyHandler(grpc.GenericRpcHandler):
                     by_mesh = by_mesh or attempt_deadline != deadline
                     md = with_previous_attempts(fwd, state.previous_attempts)
                 record.attempt(upstream.address, cluster.config.name)
+                pending = await self._pending(cluster, upstream, context)
                 call = upstream.unary(method)(request, timeout=attempt_timeout, metadata=md)
                 try:
+                    if pending:
+                        await self._connected(cluster, call)
                     response = await call
                 except AioRpcError as err:
                     code = err.code()

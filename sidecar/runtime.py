@@ -83,7 +83,8 @@ class Sidecar:
         self._plane = DataPlane(snapshot, self.pool, self.settings.service,
                                 old.clusters if old is not None else None,
                                 local_zone=self.settings.zone,
-                                previous_limiter=old.rate_limiter if old is not None else None)
+                                previous_limiter=old.rate_limiter if old is not None else None,
+                                on_ejection=self._ejected)
         self._resources = resources
         self._applied_at = time.time()
         self.pool.retain(self._plane.addresses())
@@ -185,6 +186,12 @@ class Sidecar:
             return Response(503, b"waiting for config from the control plane\n")
         return Response(200, b"ready\n")
 
+    def _ejected(self, cluster: str, newly: int, now: int) -> None:
+        metrics = self.telemetry.metrics
+        for _ in range(newly):
+            metrics.ejection(cluster)
+        metrics.set_ejected(cluster, now)
+
     def _metrics(self, _query: str) -> Response:
         body, content_type = self.telemetry.metrics.render()
         return Response(200, body, content_type)
@@ -221,7 +228,9 @@ class Sidecar:
                 "retry_budget": None if runtime.budget is None else {
                     "granted": runtime.budget.granted, "refused": runtime.budget.refused},
                 "endpoints": [{"address": e.address, "weight": e.weight, "zone": e.zone,
-                               "ejected": any(ch.address == e.address for ch in ejected)}
+                               "ejected": any(ch.address == e.address for ch in ejected),
+                               "calls_ok": runtime.stats.get(e.address, [0, 0])[0],
+                               "calls_failed": runtime.stats.get(e.address, [0, 0])[1]}
                               for e in c.endpoints]}
         return _json_response(out)
 
