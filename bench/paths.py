@@ -1,9 +1,15 @@
-"""The four request paths the benchmark compares, all ending at the same upstream.
+"""The request paths the benchmark compares, all ending at the same upstream.
 
 direct        client -> upstream
 nginx         client -> nginx grpc_pass -> upstream
 sidecar       client -> sidecar (outbound) -> upstream
 sidecar_pair  client -> sidecar A (outbound) -> sidecar B (inbound) -> upstream
+The same pair with one thing turned on (compared with sidecar_pair, the "bare pair", which like
+every other sidecar path runs with tracing off: --trace-sampling 0):
+pair_policies  every policy stage on: header route + default route, retries with a budget,
+               circuit breaker, outlier detection on A; a local rate limit on B (policy_config)
+pair_trace1    tracing at 1% sampling, spans exported over OTLP/gRPC to an in-harness receiver
+pair_trace100  tracing at 100% sampling, likewise
 (optional, not run by default: sidecar_stream, one sidecar forced onto its generic
 stream-stream shape, which every method not known to be unary takes)
 
@@ -14,14 +20,25 @@ should target and which processes are the path's proxies, and stops them afterwa
 from __future__ import annotations
 
 import contextlib
+import json
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from bench import procstat
+from bench import policy_config, procstat
 from bench.nginx import Nginx
-from bench.procs import start_sidecar
+from bench.procs import OtlpSink, start_sidecar
 
-PATHS = ("direct", "nginx", "sidecar", "sidecar_pair")
+PATHS = ("direct", "nginx", "sidecar", "sidecar_pair", "pair_policies", "pair_trace1",
+         "pair_trace100")
+# Compared with the bare pair only: the fixed-rate CPU phase and the unloaded p50 are what
+# their figures need, and leaving out max throughput keeps `make bench` short.
+PAIR_VARIANTS = ("pair_policies", "pair_trace1", "pair_trace100")
+ALL_PHASES = ("unloaded", "fixed_rate", "max_throughput")
+SHORT_PHASES = ("unloaded", "fixed_rate")
 
 
 @dataclass
@@ -31,6 +48,11 @@ class Topology:
     hops: int                  # proxies a request crosses
     pids: Callable[[], list[int]] = field(default=list)  # the proxies' processes, now
     description: str = ""
+    phases: tuple[str, ...] = ALL_PHASES
+    # per proxy (sidecar "A", "B"), its processes: CPU is also reported per sidecar
+    parts: Callable[[], dict[str, list[int]]] | None = None
+    # filled in by the path when it stops (the OTLP receiver's span count)
+    after: dict[str, Any] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -54,7 +76,7 @@ def sidecar(upstream: str) -> Iterator[Topology]:
     try:
         yield Topology("sidecar", a.ports["outbound"], 1,
                    lambda: procstat.with_descendants([a.pid]),
-                   "client -> sidecar outbound -> upstream")
+                   "client -> sidecar outbound -> upstream (tracing off)")
     finally:
         a.stop()
 
@@ -71,21 +93,95 @@ def sidecar_stream(upstream: str) -> Iterator[Topology]:
 
 
 @contextlib.contextmanager
-def sidecar_pair(upstream: str) -> Iterator[Topology]:
-    b = start_sidecar("bench-sidecar-b", app=upstream)
+def _pair(name: str, upstream: str, description: str, *, phases: tuple[str, ...] = ALL_PHASES,
+          trace_sampling: float = 0.0, env: dict[str, str] | None = None,
+          a_config: Callable[[str], str] | None = None, b_config: str | None = None
+          ) -> Iterator[Topology]:
+    """Sidecar B in front of the upstream, sidecar A sending to B's inbound.
+
+    `a_config(b_inbound)` gives A's static config file (A then has no --upstream/--route);
+    `b_config` is B's. Both sidecars get the same `trace_sampling` and `env`.
+    """
+    b = start_sidecar(f"bench-{name}-b", app=upstream, trace_sampling=trace_sampling, env=env,
+                      config=b_config)
     try:
-        a = start_sidecar("bench-sidecar-a", upstream=b.ports["inbound"])
+        inbound = b.ports["inbound"]
+        if a_config is None:
+            a = start_sidecar(f"bench-{name}-a", upstream=inbound,
+                              trace_sampling=trace_sampling, env=env)
+        else:
+            a = start_sidecar(f"bench-{name}-a", trace_sampling=trace_sampling, env=env,
+                              config=a_config(inbound))
         try:
-            yield Topology("sidecar_pair", a.ports["outbound"], 2,
-                       lambda: procstat.with_descendants([a.pid, b.pid]),
-                       "client -> sidecar A outbound -> sidecar B inbound -> upstream")
+            yield Topology(name, a.ports["outbound"], 2,
+                           lambda: procstat.with_descendants([a.pid, b.pid]), description,
+                           phases=phases,
+                           parts=lambda: {"A": procstat.with_descendants([a.pid]),
+                                          "B": procstat.with_descendants([b.pid])})
         finally:
             a.stop()
     finally:
         b.stop()
 
 
+@contextlib.contextmanager
+def sidecar_pair(upstream: str) -> Iterator[Topology]:
+    with _pair("sidecar_pair", upstream, "client -> sidecar A outbound -> sidecar B inbound -> "
+               "upstream (tracing off)") as topology:
+        yield topology
+
+
+@contextlib.contextmanager
+def pair_policies(upstream: str) -> Iterator[Topology]:
+    work = Path(tempfile.mkdtemp(prefix="bench-policies-"))
+    service_a, service_b = "bench-pair_policies-a", "bench-pair_policies-b"
+    b_file = work / "b.json"
+    b_file.write_text(json.dumps(policy_config.inbound_config(service_b)))
+
+    def a_config(b_inbound: str) -> str:
+        a_file = work / "a.json"
+        a_file.write_text(json.dumps(policy_config.outbound_config(
+            service_a, b_inbound, "grpc.testing.TestService")))
+        policy_config.check_compiled(str(a_file), str(b_file), service_b, upstream)
+        return str(a_file)
+
+    try:
+        with _pair("pair_policies", upstream,
+                   "the pair with A: header route + default route, retries (unavailable, 2, "
+                   "budget), breaker, outlier detection; B: local rate limit (tracing off)",
+                   phases=SHORT_PHASES, a_config=a_config, b_config=str(b_file)) as topology:
+            yield topology
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _traced_pair(name: str, percent: float) -> Callable[[str], Any]:
+    @contextlib.contextmanager
+    def path(upstream: str) -> Iterator[Topology]:
+        sink = OtlpSink()
+        stats: dict[str, int] | None = None
+        try:
+            env = {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint}
+            with _pair(name, upstream, f"the pair with tracing at {percent:g}% sampling, "
+                       "OTLP/gRPC to a receiver in its own process", phases=SHORT_PHASES,
+                       trace_sampling=percent, env=env) as topology:
+                yield topology
+            # both sidecars have drained (flushing their queued spans) when _pair returns
+            stats = sink.stop()
+            topology.after["otlp"] = stats
+        finally:
+            if stats is None:
+                with contextlib.suppress(Exception):
+                    sink.stop()
+    return path
+
+
+pair_trace1 = _traced_pair("pair_trace1", 1.0)
+pair_trace100 = _traced_pair("pair_trace100", 100.0)
+
+
 FACTORIES: dict[str, Callable[[str], contextlib.AbstractContextManager[Topology]]] = {
     "direct": direct, "nginx": nginx, "sidecar": sidecar, "sidecar_pair": sidecar_pair,
+    "pair_policies": pair_policies, "pair_trace1": pair_trace1, "pair_trace100": pair_trace100,
     "sidecar_stream": sidecar_stream,
 }

@@ -149,21 +149,54 @@ UNARY_METHOD = "/grpc.testing.TestService/UnaryCall"
 
 
 def start_sidecar(name: str, *, upstream: str | None = None, app: str | None = None,
-                  unary: bool = True, extra: Sequence[str] = ()) -> Child:
+                  unary: bool = True, trace_sampling: float = 0.0, config: str | None = None,
+                  env: dict[str, str] | None = None, extra: Sequence[str] = ()) -> Child:
     """A sidecar on ephemeral ports.
 
     `upstream`: where its outbound listener sends grpc.testing calls; `app`: where its inbound
     listener forwards. With `unary`, UnaryCall is declared unary because the Go upstream has no
     reflection service to learn it from; without, the sidecar takes the stream-stream shape.
+    `trace_sampling` is always passed (`--trace-sampling`, percent): the sidecar's own default
+    is 1%, and a path that is not about tracing must not pay for it, so it is 0 unless asked.
+    `config`: a static_resources file (`--config`), for the policy paths.
     """
     argv = [sys.executable, "-m", "sidecar", "--service", name,
             "--outbound", "127.0.0.1:0", "--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-            "--log-level", "WARNING"]
+            "--log-level", "WARNING", "--trace-sampling", f"{trace_sampling:g}"]
     argv += ["--unary-method", UNARY_METHOD] if unary else ["--no-learn-method-shapes"]
     if upstream:
         argv += ["--upstream", f"bench-upstream={upstream}",
                  "--route", "grpc.testing.TestService=bench-upstream"]
     if app:
         argv += ["--app", app]
+    if config:
+        argv += ["--config", config]
     argv += list(extra)
-    return Child(name, argv)
+    return Child(name, argv, env=env)
+
+
+class OtlpSink:
+    """bench/otlp_sink.py in its own process: where the tracing paths' sidecars export spans.
+
+    `stop()` returns what it received ({"spans": N, "requests": M}); stop it after the sidecars,
+    whose drain flushes their queued spans.
+    """
+
+    def __init__(self) -> None:
+        fd, stats = tempfile.mkstemp(prefix="bench-otlp-", suffix=".json")
+        os.close(fd)
+        self._stats = Path(stats)
+        self.child = Child("otlp-sink", [sys.executable, "-m", "bench.otlp_sink",
+                                         "--stats-file", str(self._stats)])
+        self.endpoint = f"http://{self.child.ports['otlp']}"
+
+    def stop(self) -> dict[str, int]:
+        code = self.child.stop()
+        try:
+            stats: dict[str, int] = json.loads(self._stats.read_text() or "{}")
+        except (OSError, json.JSONDecodeError):
+            stats = {}
+        self._stats.unlink(missing_ok=True)
+        if code != 0 or "spans" not in stats:
+            raise RuntimeError(f"OTLP sink exited with {code} without its span count")
+        return stats

@@ -133,14 +133,14 @@ def profile(rate: float, seconds: float, spy_rate: int) -> dict[str, Any]:
     n = max(measured.completed, 1)
     stacks, py_names = parse_pyspy_raw(spy_text)
     main_tid = sidecar.pid  # the main thread's tid is the process id
-    threads: dict[str, float] = collections.Counter()
+    threads: dict[str, float] = collections.defaultdict(float)
     for tid, (name, cpu) in after.items():
         used = cpu - before.get(tid, (name, 0.0))[1]
         threads[classify_thread(tid, name, main_tid, py_names)] += used * 1000 / n
     main_samples = stacks.get(main_tid, [])
     total = sum(c for _, c in main_samples) or 1
-    buckets: dict[str, int] = collections.Counter()
-    leaves: dict[str, int] = collections.Counter()
+    buckets: collections.Counter[str] = collections.Counter()
+    leaves: collections.Counter[str] = collections.Counter()
     inside_sidecar = 0
     for frames, count in main_samples:
         buckets[classify_stack(frames)] += count

@@ -1,4 +1,4 @@
-"""Turn a benchmark result into the four-path table, the ratios and the target verdicts.
+"""Turn a benchmark result into the tables, the ratios and the target verdicts.
 
 Works on the JSON-shaped result dict (as written to bench/results/), so a saved result can be
 re-rendered without re-running the benchmark.
@@ -9,11 +9,17 @@ from __future__ import annotations
 from typing import Any
 
 LABELS = {"direct": "direct", "nginx": "nginx grpc_pass", "sidecar": "one sidecar",
-          "sidecar_pair": "sidecar pair", "sidecar_stream": "one sidecar, stream shape"}
+          "sidecar_pair": "sidecar pair", "sidecar_stream": "one sidecar, stream shape",
+          "pair_policies": "pair, all policies", "pair_trace1": "pair, tracing 1%",
+          "pair_trace100": "pair, tracing 100%"}
 
 # The issue's targets, per sidecar (per hop).
 TARGET_CPU_MS_PER_REQ = 0.5
 TARGET_ADDED_P50_MS = 0.6
+# Issue 4: the full policy chain costs at most 15% more CPU per request than a bare hop.
+TARGET_POLICY_CPU_RATIO = 1.15
+BARE_PAIR = "sidecar_pair"
+PAIR_VARIANTS = ("pair_policies", "pair_trace1", "pair_trace100")
 
 Result = dict[str, Any]
 
@@ -143,6 +149,12 @@ def markdown_tables(result: Result) -> str:
 
 
 def text_table(result: Result) -> str:
+    table = _text_table(result)
+    extra = text_overheads(result)
+    return table + ("\n\n" + extra if extra else "")
+
+
+def _text_table(result: Result) -> str:
     """A plain-text rendering for the terminal."""
     rate = result["plan"]["rate"]
     d = derived(result)
@@ -176,5 +188,129 @@ def text_table(result: Result) -> str:
     for t in targets(result):
         vals = ", ".join(f"{k} {_fmt(v, 3)} ms" for k, v in t["values_ms"].items())
         lines.append(f"target {t['target']} ≤ {t['limit_ms']:g} ms: {vals} -> "
+                     f"{'MET' if t['met'] else 'NOT MET'}")
+    return "\n".join(lines)
+
+
+# --- issue 4 (policy chain) and issue 6 (tracing): each variant of the pair vs the bare pair ---
+
+
+def _round_ratios(result: Result, name: str) -> list[float]:
+    """CPU per request of `name` ÷ the bare pair's, round by round (same round, minutes apart)."""
+    rounds = result.get("rounds", {})
+    out = []
+    for mine, bare in zip(rounds.get(name, []), rounds.get(BARE_PAIR, []), strict=False):
+        a = mine.get("fixed_rate", {}).get("proxy_cpu_ms_per_req")
+        b = bare.get("fixed_rate", {}).get("proxy_cpu_ms_per_req")
+        if isinstance(a, int | float) and isinstance(b, int | float) and b > 0:
+            out.append(a / b)
+    return out
+
+
+def overheads(result: Result) -> dict[str, dict[str, Any]]:
+    """Per variant present (and the bare pair itself, as the reference row): CPU per request
+    in all, per sidecar and for A and B, its ratio to the bare pair's, and the added p50."""
+    paths = result["paths"]
+    if BARE_PAIR not in paths:
+        return {}
+    bare_cpu = _get(result, BARE_PAIR, "fixed_rate", "proxy_cpu_ms_per_req")
+    bare_p50 = _get(result, BARE_PAIR, "unloaded", "p50_ms")
+    bare_rate_p50 = _get(result, BARE_PAIR, "fixed_rate", "p50_ms")
+    out: dict[str, dict[str, Any]] = {}
+    for name in (BARE_PAIR, *PAIR_VARIANTS):
+        if name not in paths:
+            continue
+        cpu = _get(result, name, "fixed_rate", "proxy_cpu_ms_per_req")
+        ratio = _ratio(cpu, bare_cpu)
+        p50 = _get(result, name, "unloaded", "p50_ms")
+        rate_p50 = _get(result, name, "fixed_rate", "p50_ms")
+        otlp = paths[name].get("otlp") or {}
+        out[name] = {
+            "cpu_ms_per_req": cpu,
+            "cpu_ms_per_req_per_sidecar": None if cpu is None else cpu / 2,
+            "cpu_ms_per_req_a": _get(result, name, "fixed_rate",
+                                     "proxy_cpu_ms_per_req_by_sidecar", "A"),
+            "cpu_ms_per_req_b": _get(result, name, "fixed_rate",
+                                     "proxy_cpu_ms_per_req_by_sidecar", "B"),
+            "cpu_vs_bare_pair": ratio,
+            "cpu_added_pct": None if ratio is None else (ratio - 1) * 100,
+            "cpu_added_ms_per_req_per_sidecar": (None if cpu is None or bare_cpu is None
+                                                 else (cpu - bare_cpu) / 2),
+            "cpu_vs_bare_pair_by_round": _round_ratios(result, name),
+            "unloaded_p50_ms": p50,
+            "added_p50_ms": None if p50 is None or bare_p50 is None else p50 - bare_p50,
+            "p50_at_rate_ms": rate_p50,
+            "added_p50_at_rate_ms": (None if rate_p50 is None or bare_rate_p50 is None
+                                     else rate_p50 - bare_rate_p50),
+            "p99_at_rate_ms": _get(result, name, "fixed_rate", "p99_ms"),
+            "spans_per_call": otlp.get("spans_per_call"),
+            "fell_behind": fell_behind(result, name),
+        }
+    return out
+
+
+def policy_target(result: Result) -> dict[str, Any] | None:
+    """Issue 4's target judged on this run, or None when either path is missing."""
+    o = overheads(result).get("pair_policies")
+    if o is None or o["cpu_vs_bare_pair"] is None:
+        return None
+    ratio = o["cpu_vs_bare_pair"]
+    return {"target": "policy chain CPU per request ÷ bare pair's, at the fixed rate",
+            "limit_ratio": TARGET_POLICY_CPU_RATIO, "ratio": ratio,
+            "added_pct": o["cpu_added_pct"], "met": ratio <= TARGET_POLICY_CPU_RATIO}
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{value:+.0f}%"
+
+
+def _signed(value: float | None, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:+.{digits}f}"
+
+
+def markdown_overheads(result: Result) -> str:
+    rate = result["plan"]["rate"]
+    lines = [
+        f"| path | proxy CPU ms/req at {rate:g} rps, per sidecar (A / B) | ÷ bare pair "
+        "| added CPU ms/req per sidecar | unloaded p50 ms | added p50 ms "
+        f"| at {rate:g} rps p50 / p99 ms | spans received per call | gRPC errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, o in overheads(result).items():
+        ref = name == BARE_PAIR
+        ratio = "(reference)" if ref else (
+            f"{_fmt_ratio(o['cpu_vs_bare_pair'])} ({_pct(o['cpu_added_pct'])})")
+        rate_text = f"{_fmt(o['p50_at_rate_ms'])} / {_fmt(o['p99_at_rate_ms'])}"
+        if o["fell_behind"]:
+            rate_text += f" (only {_fmt(_get(result, name, 'fixed_rate', 'rps'), 0)} rps)"
+        spans = o["spans_per_call"]
+        lines.append(
+            f"| {LABELS.get(name, name)} | {_fmt(o['cpu_ms_per_req_per_sidecar'], 3)} "
+            f"({_fmt(o['cpu_ms_per_req_a'], 3)} / {_fmt(o['cpu_ms_per_req_b'], 3)}) "
+            f"| {ratio} | {'—' if ref else _signed(o['cpu_added_ms_per_req_per_sidecar'])} "
+            f"| {_fmt(o['unloaded_p50_ms'])} | {'—' if ref else _signed(o['added_p50_ms'], 2)} "
+            f"| {rate_text} | {'—' if spans is None else f'{spans:.2f}'} "
+            f"| {result['paths'][name].get('grpc_errors', 0)} |")
+    return "\n".join(lines)
+
+
+def text_overheads(result: Result) -> str:
+    o = overheads(result)
+    if len(o) < 2:
+        return ""
+    lines = ["vs the bare pair (CPU per request at the fixed rate; unloaded p50):"]
+    for name, r in o.items():
+        if name == BARE_PAIR:
+            continue
+        spans = r["spans_per_call"]
+        lines.append(
+            f"  {name:<14} CPU {_fmt_ratio(r['cpu_vs_bare_pair'])} ({_pct(r['cpu_added_pct'])}, "
+            f"{_signed(r['cpu_added_ms_per_req_per_sidecar'])} ms per sidecar), "
+            f"p50 {_signed(r['added_p50_ms'], 2)} ms"
+            + ("" if spans is None else f", {spans:.2f} spans received per call"))
+    t = policy_target(result)
+    if t is not None:
+        lines.append(f"target (issue 4) policy chain CPU ≤ {t['limit_ratio']:.2f}x the bare "
+                     f"pair's: {t['ratio']:.2f}x ({_pct(t['added_pct'])}) -> "
                      f"{'MET' if t['met'] else 'NOT MET'}")
     return "\n".join(lines)

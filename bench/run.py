@@ -1,13 +1,16 @@
-"""`make bench`: what a hop costs, measured on four paths to one upstream in one run.
+"""`make bench`: what a hop costs, measured on several paths to one upstream in one run.
 
-For each path (direct, nginx grpc_pass, one sidecar, a sidecar pair) and the same load
-(UnaryCall, 100-byte payload, 100-byte response, one HTTP/2 connection from the client):
+For each path (direct, nginx grpc_pass, one sidecar, a sidecar pair; then the pair with every
+policy on, and with tracing at 1% and at 100%) and the same load (UnaryCall, 100-byte payload,
+100-byte response, one HTTP/2 connection from the client):
   1. warm-up, closed loop (connections, channels and caches settle; not reported);
   2. unloaded latency: closed loop with one call in flight;
   3. fixed rate (default 500 rps): latency under load, and the proxies' CPU per request;
-  4. max throughput: closed loop at a fixed concurrency.
+  4. max throughput: closed loop at a fixed concurrency (not for the pair's variants, which
+     are compared with the bare pair on phases 2 and 3 only).
 Proxy CPU is utime + stime from /proc over each phase, summed over the path's proxy
-processes; RSS is read after the phases. Any gRPC error fails the run (exit 1).
+processes (and per sidecar for the pairs); RSS is read after the phases. Sidecars run with
+--trace-sampling 0 except on the tracing paths. Any gRPC error fails the run (exit 1).
 
 Writes bench/results/<timestamp>.json and .png, prints the table with ratios, and (full runs)
 rewrites the generated part of docs/performance.md. Then (unless --skip-push) the control
@@ -30,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import docs, loadgen, nginx, procstat
+from bench import docs, loadgen, nginx, procstat, report
 from bench.loadgen import Load
 from bench.paths import FACTORIES, PATHS, Topology
 from bench.procs import ROOT, start_upstream
@@ -63,13 +66,17 @@ def _machine_busy() -> tuple[float, float]:
 
 
 class Meter:
-    """CPU used by the path's proxies and by the upstream over one load phase."""
+    """CPU used by the path's proxies (in all, and per part: each sidecar of a pair) and by the
+    upstream over one load phase."""
 
-    def __init__(self, proxy_pids: list[int], upstream_pid: int) -> None:
+    def __init__(self, proxy_pids: list[int], upstream_pid: int,
+                 parts: dict[str, list[int]] | None = None) -> None:
         self.proxy_pids = proxy_pids
         self.upstream_pid = upstream_pid
+        self.parts = parts or {}
 
     def __enter__(self) -> Meter:
+        self._parts = {k: procstat.total_cpu_seconds(v) for k, v in self.parts.items()}
         self._proxy = procstat.total_cpu_seconds(self.proxy_pids)
         self._upstream = procstat.cpu_seconds(self.upstream_pid)
         self._busy, self._total = _machine_busy()
@@ -78,6 +85,8 @@ class Meter:
 
     def __exit__(self, *exc: object) -> None:
         self.proxy_cpu_s = procstat.total_cpu_seconds(self.proxy_pids) - self._proxy
+        self.part_cpu_s = {k: procstat.total_cpu_seconds(v) - self._parts[k]
+                           for k, v in self.parts.items()}
         self.upstream_cpu_s = procstat.cpu_seconds(self.upstream_pid) - self._upstream
         busy, total = _machine_busy()
         cpus = os.cpu_count() or 1
@@ -87,12 +96,16 @@ class Meter:
 
 
 def measure(topology: Topology, upstream_pid: int, load: Load) -> dict[str, Any]:
-    with Meter(topology.pids(), upstream_pid) as meter:
+    parts = topology.parts() if topology.parts else None
+    with Meter(topology.pids(), upstream_pid, parts) as meter:
         result = loadgen.run(topology.target, load)
     out = result.as_dict()
     n = max(result.completed, 1)
     out["load"] = asdict(load)
     out["proxy_cpu_ms_per_req"] = meter.proxy_cpu_s * 1000 / n if topology.hops else None
+    if parts:
+        out["proxy_cpu_ms_per_req_by_sidecar"] = {k: v * 1000 / n
+                                                  for k, v in meter.part_cpu_s.items()}
     out["proxy_cpu_cores"] = meter.proxy_cpu_s / meter.wall_s if topology.hops else None
     out["upstream_cpu_ms_per_req"] = meter.upstream_cpu_s * 1000 / n
     out["machine_busy_cores"] = round(meter.machine_busy_cores, 2)
@@ -104,18 +117,17 @@ def bench_path(name: str, upstream: str, upstream_pid: int, plan: Plan) -> dict[
         print(f"  {name}: {topology.description}", flush=True)
         warmup = measure(topology, upstream_pid,
                          Load(plan.warmup_s, concurrency=plan.warmup_concurrency))
-        phases = {
-            "unloaded": measure(topology, upstream_pid, Load(plan.unloaded_s, concurrency=1)),
-            "fixed_rate": measure(topology, upstream_pid,
-                                  Load(plan.rate_s, concurrency=plan.max_concurrency,
-                                       rate=plan.rate)),
-            "max_throughput": measure(topology, upstream_pid,
-                                      Load(plan.max_s, concurrency=plan.max_concurrency)),
+        loads = {
+            "unloaded": Load(plan.unloaded_s, concurrency=1),
+            "fixed_rate": Load(plan.rate_s, concurrency=plan.max_concurrency, rate=plan.rate),
+            "max_throughput": Load(plan.max_s, concurrency=plan.max_concurrency),
         }
+        phases = {phase: measure(topology, upstream_pid, load)
+                  for phase, load in loads.items() if phase in topology.phases}
         pids = topology.pids()
         mem = procstat.total_memory(pids) if topology.hops else None
     errors = warmup["error_count"] + sum(p["error_count"] for p in phases.values())
-    return {
+    out = {
         "description": topology.description,
         "hops": topology.hops,
         "proxy_processes": len(pids),
@@ -126,6 +138,13 @@ def bench_path(name: str, upstream: str, upstream_pid: int, plan: Plan) -> dict[
         "proxy_peak_rss_mib": mem.hwm_kib / 1024 if mem else None,
         "grpc_errors": errors,
     }
+    otlp = topology.after.get("otlp")
+    if otlp is not None:  # spans the receiver got per call sent (warm-up included)
+        calls = warmup["ok"] + warmup["error_count"] + sum(
+            p["ok"] + p["error_count"] for p in phases.values())
+        out["otlp"] = {**otlp, "calls": calls,
+                       "spans_per_call": otlp["spans"] / calls if calls else None}
+    return out
 
 
 def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -183,6 +202,10 @@ def run_benchmark(plan: Plan, names: list[str]) -> dict[str, Any]:
     result["paths"] = {n: _median_of(r) if len(r) > 1 else r[0] for n, r in rounds.items()}
     if plan.rounds > 1:
         result["rounds"] = rounds
+    overheads = report.overheads(result)
+    if len(overheads) > 1:  # the bare pair and at least one variant
+        result["vs_bare_pair"] = overheads
+        result["policy_target"] = report.policy_target(result)
     with open("/proc/loadavg") as f:
         result["host"]["loadavg_after"] = " ".join(f.read().split()[:3])
     result["duration_s"] = round(time.monotonic() - t0, 1)
@@ -193,7 +216,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="short phases (~30 s in all): a smoke run, figures are rough")
+                   help="short phases, one round: a smoke run, figures are rough")
     p.add_argument("--phase-seconds", type=float,
                    help="override every phase's duration (warm-up gets half)")
     p.add_argument("--rate", type=float, help=f"fixed-rate phase, rps (default {FULL.rate:g})")
@@ -210,7 +233,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-chart", action="store_true")
     p.add_argument("--skip-push", action="store_true",
                    help="leave out the control plane push-latency benchmark (bench/push_latency"
-                        ".py) that runs after the four paths")
+                        ".py) that runs after the paths")
     return p.parse_args(argv)
 
 

@@ -1,7 +1,8 @@
-"""The benchmark harness runs end to end: four paths, real proxies, no gRPC errors.
+"""The benchmark harness runs end to end: every path, real proxies, no gRPC errors.
 
 Uses the shortest phases, so the figures mean nothing; what is checked is that `make bench`
-would produce a complete result (all four paths measured, every call OK, chart written).
+would produce a complete result (every path measured, every call OK, the pair's variants
+compared with the bare pair, spans received when tracing is at 100%, chart written).
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from pathlib import Path
 
 from tests.harness import ROOT
 
-PATHS = ("direct", "nginx", "sidecar", "sidecar_pair")
+PATHS = ("direct", "nginx", "sidecar", "sidecar_pair", "pair_policies", "pair_trace1",
+         "pair_trace100")
+VARIANTS = ("pair_policies", "pair_trace1", "pair_trace100")  # compared with sidecar_pair
 PHASES = ("unloaded", "fixed_rate", "max_throughput")
 
 
-def test_bench_quick_run_measures_all_four_paths(tmp_path: Path) -> None:
+def test_bench_quick_run_measures_every_path(tmp_path: Path) -> None:
     assert shutil.which("nginx") or Path("/usr/sbin/nginx").exists(), (
         "nginx is needed by the benchmark's reference path: ./scripts/ensure-apt.sh nginx")
     proc = subprocess.Popen(
@@ -39,7 +42,9 @@ def test_bench_quick_run_measures_all_four_paths(tmp_path: Path) -> None:
     assert list(result["paths"]) == list(PATHS)
     for name, path in result["paths"].items():
         assert path["grpc_errors"] == 0, (name, path)
-        for phase in PHASES:
+        phases = PHASES[:2] if name in VARIANTS else PHASES
+        assert [p for p in PHASES if p in path] == list(phases), (name, path)
+        for phase in phases:
             measured = path[phase]
             assert measured["error_count"] == 0 and not measured["errors"], (name, phase)
             assert measured["ok"] > 0 and measured["p50_ms"] > 0, (name, phase, measured)
@@ -48,5 +53,20 @@ def test_bench_quick_run_measures_all_four_paths(tmp_path: Path) -> None:
         else:
             assert path["fixed_rate"]["proxy_cpu_ms_per_req"] > 0, (name, path)
             assert path["proxy_rss_mib"] > 0, (name, path)
+        if name == "sidecar_pair" or name in VARIANTS:
+            by_sidecar = path["fixed_rate"]["proxy_cpu_ms_per_req_by_sidecar"]
+            assert set(by_sidecar) == {"A", "B"} and min(by_sidecar.values()) > 0, (name, path)
+
+    # tracing was on where asked: ~2 spans per call at 100% (A's CLIENT, B's SERVER span);
+    # at 1% a few hundred calls may yield none, so only the count's presence is checked
+    assert "otlp" not in result["paths"]["sidecar_pair"]
+    assert result["paths"]["pair_trace1"]["otlp"]["spans"] >= 0
+    assert result["paths"]["pair_trace100"]["otlp"]["spans_per_call"] > 1.5, result["paths"]
+    vs_bare = result["vs_bare_pair"]
+    assert list(vs_bare) == ["sidecar_pair", *VARIANTS]
+    assert all(vs_bare[n]["cpu_vs_bare_pair"] > 0 for n in VARIANTS), vs_bare
+    assert result["policy_target"]["limit_ratio"] == 1.15
+    assert isinstance(result["policy_target"]["met"], bool)
     assert Path(result["chart"]).stat().st_size > 0
     assert "sidecar_pair" in stdout and "target" in stdout
+    assert "target (issue 4) policy chain" in stdout
