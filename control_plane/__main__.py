@@ -35,6 +35,7 @@ from control_plane.registry.consul import ConsulRegistry
 from control_plane.registry.embedded import EmbeddedRegistry, NodeMetadataError, instance_from_node
 from control_plane.translate import TranslationProvider
 from sidecar.admin_http import AdminServer, Response
+from sidecar.atomic_file import write_atomically
 from sidecar.static_config import split_host_port
 
 log = logging.getLogger("control_plane")
@@ -176,8 +177,7 @@ class ControlPlane:
         bound = await self.admin.start(admin_host, admin_port)
         self.addresses["admin"] = f"{admin_host}:{bound}"
         if self.args.ready_file:
-            from sidecar.runtime import _write_atomically
-            _write_atomically(self.args.ready_file, json.dumps(self.addresses))
+            write_atomically(self.args.ready_file, json.dumps(self.addresses))
         log.info("control plane listening: %s (registry: %s)", self.addresses, self.source_name)
 
     async def _follow_registry(self) -> None:

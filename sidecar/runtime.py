@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import tempfile
 import time
 from typing import Any
 
@@ -19,6 +17,7 @@ from sidecar import (
     xds_types,  # noqa: F401  (loads the types inside Anys, so /config_dump can expand them)
 )
 from sidecar.admin_http import AdminServer, Response
+from sidecar.atomic_file import write_atomically
 from sidecar.config import Settings
 from sidecar.dataplane import DataPlane
 from sidecar.method_shapes import MethodShapes
@@ -127,7 +126,7 @@ class Sidecar:
         admin_port = await self._admin.start(host, port)
         self.addresses["admin"] = _with_port(self.settings.admin, admin_port)
         if self.settings.ready_file:
-            _write_atomically(self.settings.ready_file, json.dumps(self.addresses))
+            write_atomically(self.settings.ready_file, json.dumps(self.addresses))
         log.info("sidecar %r listening: %s", self.settings.service, self.addresses)
 
     async def _poll_clusters(self) -> None:
@@ -247,13 +246,3 @@ def _json_response(doc: Any) -> Response:
 def _with_port(address: str, port: int) -> str:
     host, _ = split_host_port(address)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _write_atomically(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".ready-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -32,7 +32,6 @@ import logging
 import os
 import random
 import socket
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +53,7 @@ from google.protobuf.message import DecodeError, Message
 from google.rpc import status_pb2
 
 from sidecar import static_config
+from sidecar.atomic_file import write_atomically
 from sidecar.static_config import XdsResources
 from sidecar.xds_translate import HCM_TYPE_URL, ConfigError, compile_snapshot
 
@@ -487,23 +487,6 @@ def _digest(resources: XdsResources) -> str:
 def _composite_version(versions: Mapping[str, str]) -> str:
     """One version for the whole set, readable against proxy-status: LDS/RDS/CDS/EDS."""
     return "/".join(versions[t] or "-" for t in TYPES)
-
-
-def write_atomically(path: str, text: str) -> None:
-    """Temp file in the same directory, fsync, rename: a crash leaves the old or the new file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".snapshot-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # --- the asyncio shell -----------------------------------------------------------------------

@@ -13,7 +13,6 @@ holds the root key).
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from control_plane.ca.errors import Unavailable
+from sidecar.atomic_file import write_atomically
 
 ROOT = "root"
 TOKENS = "tokens"
@@ -44,25 +44,9 @@ class StateBackend(Protocol):
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Atomically replace `path` with `data`, the file never readable by anyone else: it is
-    created with mode 0600 (not chmod-ed afterwards, which would leave a window)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Atomically replace `path` with `data`, never readable by anyone else (mode 0600 from
+    creation, not chmod-ed afterwards, which would leave a window)."""
+    write_atomically(path, data, mode=0o600)
 
 
 class FileState:

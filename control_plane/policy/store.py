@@ -36,6 +36,7 @@ from control_plane.policy.validate import (
     validate,
     validate_set,
 )
+from sidecar.atomic_file import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -273,30 +274,6 @@ class _Base:
 
 # ---------------------------------------------------------------------------------------------
 # FileStore
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Readers see the old file or the new one, never a torn one, even after a crash."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{random.getrandbits(32):08x}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 class FileStore(_Base):

@@ -12,13 +12,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from control_plane.registry.embedded import EmbeddedRegistry
 from control_plane.registry.model import Instance, RegistryView
+from sidecar.atomic_file import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +27,7 @@ RESTORE_GRACE = 40.0  # seconds: > the sidecars' 30 s maximum reconnect backoff
 
 def save(view: RegistryView, path: str) -> None:
     doc = {"instances": [dataclasses.asdict(i) for i in view.instances]}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".registry-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(doc))
 
 
 def restore(registry: EmbeddedRegistry, path: str, grace: float = RESTORE_GRACE) -> int:
