@@ -231,6 +231,26 @@ class ProxyHandler(grpc.GenericRpcHandler):
         finally:
             cluster.breaker.leave_pending()
 
+    @staticmethod
+    async def _retry_to(state: RetryState, cluster: ClusterRuntime, record: CallRecord,
+                        upstream: UpstreamChannel, code: grpc.StatusCode, trailing: Any,
+                        committed: bool, deadline: float | None,
+                        hash_key: str | None) -> UpstreamChannel | None:
+        """After a failed attempt: the endpoint for the next one (another, when there is
+        one), having waited its backoff; None when the failure goes back to the caller."""
+        decision = state.on_failure(code, trailing, committed=committed,
+                                    now=asyncio.get_running_loop().time(), deadline=deadline,
+                                    budget=cluster.budget)
+        if not decision.retry:
+            return None
+        nxt = cluster.pick(hash_key, upstream)
+        if nxt is None:
+            return None
+        record.retried(code, upstream.address)
+        if decision.delay:
+            await asyncio.sleep(decision.delay)
+        return nxt
+
     def _deadline_message(self, code: grpc.StatusCode, details: str | None, by_mesh: bool,
                           route: Route, upstream: str, attempts: int) -> str | None:
         if code is grpc.StatusCode.DEADLINE_EXCEEDED and by_mesh:
@@ -335,18 +355,12 @@ class ProxyHandler(grpc.GenericRpcHandler):
                 trailing = await call.trailing_metadata()
                 cluster.record(upstream, not is_failure(code))
                 if code is not grpc.StatusCode.OK:
-                    decision = state.on_failure(code, trailing, committed=writer.committed,
-                                                now=loop.time(), deadline=deadline,
-                                                budget=budget)
-                    if decision.retry:
-                        nxt = cluster.pick(hash_key, upstream)
-                        if nxt is not None:
-                            record.retried(code, upstream.address)
-                            if decision.delay:
-                                await asyncio.sleep(decision.delay)
-                            upstream = nxt
-                            record.attempt(upstream.address, cluster.config.name)
-                            continue
+                    nxt = await self._retry_to(state, cluster, record, upstream, code, trailing,
+                                               writer.committed, deadline, hash_key)
+                    if nxt is not None:
+                        upstream = nxt
+                        record.attempt(upstream.address, cluster.config.name)
+                        continue
                 self._finish(context, code, details, headers_sent, upstream, cluster, route,
                              by_mesh or attempt_deadline != deadline, state.attempts, trailing)
                 return
@@ -466,19 +480,13 @@ class ProxyHandler(grpc.GenericRpcHandler):
                     initial = err.initial_metadata()
                     trailing = err.trailing_metadata()
                     if state is not None:
-                        decision = state.on_failure(code, trailing, committed=bool(initial),
-                                                    now=loop.time(), deadline=deadline,
-                                                    budget=budget)
-                        if decision.retry:
-                            nxt = cluster.pick(hash_key, upstream)
-                            if nxt is not None:
-                                record.retried(code, upstream.address)
-                                if decision.delay:
-                                    await asyncio.sleep(decision.delay)
-                                if cluster.finished is not None:
-                                    cluster.finished(upstream)
-                                upstream = nxt
-                                continue
+                        nxt = await self._retry_to(state, cluster, record, upstream, code,
+                                                   trailing, bool(initial), deadline, hash_key)
+                        if nxt is not None:
+                            if cluster.finished is not None:
+                                cluster.finished(upstream)
+                            upstream = nxt
+                            continue
                     if initial:
                         await context.send_initial_metadata(forwardable(initial))
                     details = self._status_message(code, err.details(), bool(initial),
