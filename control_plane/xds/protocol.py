@@ -35,6 +35,7 @@ CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 # Make before break: clusters and their endpoints before the listeners and routes using them.
 PUSH_ORDER = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE)
+_PARENT = {ENDPOINT_TYPE: CLUSTER_TYPE, ROUTE_TYPE: LISTENER_TYPE}
 WILDCARD_TYPES = frozenset({LISTENER_TYPE, CLUSTER_TYPE})
 SHORT_NAMES = {LISTENER_TYPE: "LDS", ROUTE_TYPE: "RDS", CLUSTER_TYPE: "CDS", ENDPOINT_TYPE: "EDS"}
 WILDCARD_NAME = "*"
@@ -141,9 +142,14 @@ class StreamState:
         return self._types[type_url].subscription
 
     def may_push(self, type_url: str) -> bool:
-        """Subscribed to something, and no push of this type awaits its answer."""
+        """Subscribed to something, no push of this type awaits its answer, and no push of its
+        parent type does: an unanswered CDS (LDS) push is about to change which EDS (RDS)
+        names the proxy wants, so pushing the children now would be wasted (sent twice)."""
         state = self._types.get(type_url)
         if state is None or state.awaiting:
+            return False
+        parent = self._types.get(_PARENT.get(type_url, ""))
+        if parent is not None and parent.awaiting:
             return False
         return state.wildcard or bool(state.names)
 
