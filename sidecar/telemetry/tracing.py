@@ -361,20 +361,32 @@ class SidecarTracing:
         # Our own sampler decides before the SDK is asked, so unsampled calls skip it.
         self._decide_here = self.enabled and not self._pinned
         self.export_error: str | None = None
+        # The exporter (and its gRPC channel) is made when the first span is recorded, not
+        # here: a sidecar that records nothing never opens a second gRPC stack beside its
+        # grpc.aio one (whose shutdown it could race: seen as a rare crash at exit).
+        self._given_exporter = exporter
+        self._endpoint = endpoint
+        self._env = env
+        self._schedule_delay_millis = schedule_delay_millis
+        self._exporter_made = not self.enabled
+        self.exporter: SpanExporter | None = None
+        self.processor: BatchSpanProcessor | None = None
+        self._tracer = self.provider.get_tracer(INSTRUMENTATION_NAME)
+        self._methods: dict[str, tuple[str, str, str]] = {}
+
+    def _make_exporter(self) -> None:
+        self._exporter_made = True
         try:
-            self.exporter = exporter if exporter is not None else (
-                _exporter_from_env(endpoint, env) if self.enabled else None)
+            self.exporter = self._given_exporter if self._given_exporter is not None else (
+                _exporter_from_env(self._endpoint, self._env))
         except ExportUnavailable as err:  # trace export is never worth failing calls over
             self.exporter = None
             self.export_error = str(err)
             log.error("tracing: spans will not be exported: %s", err)
-        self.processor: BatchSpanProcessor | None = None
         if self.exporter is not None:
             self.processor = BatchSpanProcessor(self.exporter,
-                                                schedule_delay_millis=schedule_delay_millis)
+                                                schedule_delay_millis=self._schedule_delay_millis)
             self.provider.add_span_processor(self.processor)
-        self._tracer = self.provider.get_tracer(INSTRUMENTATION_NAME)
-        self._methods: dict[str, tuple[str, str, str]] = {}
 
     # --- sampling -----------------------------------------------------------------------------
     @property
@@ -429,6 +441,8 @@ class SidecarTracing:
                 return CallSpan(None, client, parent, trace_id, tc.new_span_id(), flags)
             if parent is None:
                 self._ids.use_trace_id(trace_id)
+        if not self._exporter_made:
+            self._make_exporter()
         name, kind, attrs = self._span_args(method, client, address, local_address, cluster)
         span = self._tracer.start_span(name, self._parent_context(parent, sampled), kind, attrs,
                                        start_time=start_time_ns)
