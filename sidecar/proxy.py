@@ -170,8 +170,10 @@ class ProxyHandler(grpc.GenericRpcHandler):
             if not self._active:
                 self._idle.set()
             final = context.code() or code
+            caller = ((self._caller(context) or context.peer())
+                      if self._telemetry.access_log.enabled else None)
             self._telemetry.end(record, self._direction, method, final, context.details(),
-                                self._caller(context) or context.peer())
+                                caller)
 
     # --- forwarding ---------------------------------------------------------------------
     def _hop(self, message: str) -> str:
