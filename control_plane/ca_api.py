@@ -20,7 +20,6 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 from google.protobuf import any_pb2
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from mesh.v1 import ca_pb2, ca_pb2_grpc
@@ -39,6 +38,7 @@ from control_plane.ca import (
     Unavailable,
 )
 from control_plane.ca.tokens import DEFAULT_TTL as DEFAULT_TOKEN_TTL
+from control_plane.policy_api import to_timestamp
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +77,6 @@ def bearer_token(metadata: Any) -> str | None:
     return token.strip()
 
 
-def _timestamp(seconds: float | None) -> Timestamp | None:
-    if seconds is None:
-        return None
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
-
-
 def _duration(seconds: float) -> Duration:
     d = Duration()
     d.FromNanoseconds(int(seconds * 1e9))
@@ -93,18 +85,18 @@ def _duration(seconds: float) -> Duration:
 
 def token_proto(record: TokenRecord) -> ca_pb2.Token:
     return ca_pb2.Token(id=record.id, services=list(record.services),
-                        create_time=_timestamp(record.created),
-                        expire_time=_timestamp(record.expires),
-                        revoke_time=_timestamp(record.revoked), description=record.description)
+                        create_time=to_timestamp(record.created),
+                        expire_time=to_timestamp(record.expires),
+                        revoke_time=to_timestamp(record.revoked), description=record.description)
 
 
 def ca_status_proto(view: CaView) -> ca_pb2.CaStatus:
     return ca_pb2.CaStatus(
         roots=[ca_pb2.Root(certificate_pem=r.certificate_pem, subject=r.subject,
-                           fingerprint_sha256=r.fingerprint, not_before=_timestamp(r.not_before),
-                           not_after=_timestamp(r.not_after), state=r.state,
-                           sign_from=_timestamp(r.sign_from),
-                           retire_time=_timestamp(r.retire_at))
+                           fingerprint_sha256=r.fingerprint, not_before=to_timestamp(r.not_before),
+                           not_after=to_timestamp(r.not_after), state=r.state,
+                           sign_from=to_timestamp(r.sign_from),
+                           retire_time=to_timestamp(r.retire_at))
                for r in view.roots],
         trust_domain=view.trust_domain, workload_ttl=_duration(view.ttl), source=view.source)
 
@@ -163,8 +155,8 @@ class CertificateServicer(ca_pb2_grpc.CertificateServiceServicer):
             await _fail(context, e)
         return ca_pb2.SignResponse(certificate_pem=issued.certificate_pem,
                                    trust_bundle_pem=list(issued.trust_bundle),
-                                   not_after=_timestamp(issued.not_after),
-                                   not_before=_timestamp(issued.not_before),
+                                   not_after=to_timestamp(issued.not_after),
+                                   not_before=to_timestamp(issued.not_before),
                                    spiffe_id=issued.spiffe_id)
 
     async def TrustBundle(self, request: ca_pb2.TrustBundleRequest,

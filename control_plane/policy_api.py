@@ -73,7 +73,7 @@ def to_document(resource: policy_pb2.Resource) -> dict[str, Any]:
     return doc
 
 
-def _timestamp(seconds: float | None) -> Timestamp | None:
+def to_timestamp(seconds: float | None) -> Timestamp | None:
     if seconds is None:
         return None
     ts = Timestamp()
@@ -85,8 +85,8 @@ def to_proto(resource: schema.Resource) -> policy_pb2.Resource:
     """A stored resource in its canonical document form (every default spelled out)."""
     msg = policy_pb2.Resource(kind=resource.kind, name=resource.name,
                               resource_version=resource.resource_version,
-                              create_time=_timestamp(resource.create_time),
-                              update_time=_timestamp(resource.update_time))
+                              create_time=to_timestamp(resource.create_time),
+                              update_time=to_timestamp(resource.update_time))
     msg.spec.update(spec_to_dict(resource.spec))
     return msg
 

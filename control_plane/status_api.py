@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 from mesh.v1 import status_pb2, status_pb2_grpc
 
+from control_plane.policy_api import to_timestamp
 from control_plane.registry.model import Instance, RegistryView
 
 
@@ -105,24 +105,16 @@ def registry_report(sources: Mapping[str, RegistrySource]) -> EndpointsFn:
     return report
 
 
-def _timestamp(seconds: float | None) -> Timestamp | None:
-    if seconds is None:
-        return None
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
-
-
 def proxy_to_proto(info: ProxyInfo) -> status_pb2.ProxyStatus:
     msg = status_pb2.ProxyStatus(node_id=info.node_id, service=info.service,
                                  instance_id=info.instance_id, sidecar=info.sidecar,
-                                 connected_since=_timestamp(info.connected_since))
+                                 connected_since=to_timestamp(info.connected_since))
     for t in info.types:
         msg.types.append(status_pb2.XdsTypeStatus(
             type_url=t.type_url, sent_version=t.sent_version, sent_nonce=t.sent_nonce,
-            sent_at=_timestamp(t.sent_at), acked_version=t.acked_version,
-            acked_at=_timestamp(t.acked_at), nack_nonce=t.nack_nonce, nack_error=t.nack_error,
-            nacked_at=_timestamp(t.nacked_at), sent_policy_revision=t.sent_policy_revision,
+            sent_at=to_timestamp(t.sent_at), acked_version=t.acked_version,
+            acked_at=to_timestamp(t.acked_at), nack_nonce=t.nack_nonce, nack_error=t.nack_error,
+            nacked_at=to_timestamp(t.nacked_at), sent_policy_revision=t.sent_policy_revision,
             acked_policy_revision=t.acked_policy_revision))
     return msg
 
@@ -141,7 +133,7 @@ def endpoints_to_proto(report: EndpointsReport, service: str = "") -> status_pb2
     for h in report.registries:
         response.registries.append(status_pb2.RegistryHealth(
             source=h.source, healthy=h.healthy, last_error=h.last_error,
-            last_error_at=_timestamp(h.last_error_at)))
+            last_error_at=to_timestamp(h.last_error_at)))
     return response
 
 
