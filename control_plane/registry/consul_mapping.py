@@ -3,8 +3,10 @@
 Mapping (docs/control-plane.md, "Consul mapping"): Service name = service, ID = instance_id,
 Address/Port = address/port (a service without an Address is reached at its node's), Tags =
 tags; Meta keys `version`, `zone`, `grpc_services` (comma-separated), `sidecar` ("true" /
-"false"); any other Meta -> meta. An instance registered by other Consul tooling, without
-`sidecar` meta, is taken as reached directly (sidecar=False).
+"false"), `pymesh-mtls` ("true": Port serves mTLS only) and `pymesh-plaintext-port` (the
+plaintext port at the same Address); any other Meta -> meta. An instance registered by other
+Consul tooling, without `sidecar` meta, is taken as reached directly (sidecar=False), and one
+without `pymesh-mtls` as plaintext.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from control_plane.registry.model import Instance
 
 log = logging.getLogger(__name__)
 
-MESH_META_KEYS = ("version", "zone", "grpc_services", "sidecar")
+MTLS_META = "pymesh-mtls"
+PLAINTEXT_PORT_META = "pymesh-plaintext-port"
+MESH_META_KEYS = ("version", "zone", "grpc_services", "sidecar", MTLS_META, PLAINTEXT_PORT_META)
 # Consul's own limits on service Meta (a registration breaking them is refused with a 400).
 META_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 META_MAX_PAIRS = 64
@@ -57,7 +61,18 @@ def instance_from_health_entry(entry: Mapping[str, Any]) -> Instance | None:
         meta=tuple(sorted((k, v) for k, v in meta.items() if k not in MESH_META_KEYS)),
         sidecar=meta.get("sidecar", "").lower() == "true",
         healthy=True,
+        mtls=meta.get(MTLS_META, "").lower() == "true",
+        plaintext_port=_port(meta.get(PLAINTEXT_PORT_META, "")),
     )
+
+
+def _port(text: str) -> int:
+    """A Meta port, 0 when absent or unusable (then no plaintext port is known)."""
+    try:
+        port = int(text.strip())
+    except ValueError:
+        return 0
+    return port if 0 < port < 65536 else 0
 
 
 def instances_from_health(entries: Iterable[Mapping[str, Any]] | None) -> tuple[Instance, ...]:
@@ -85,13 +100,18 @@ def registration_meta(instance: Instance) -> dict[str, str]:
         meta[key] = value
     mesh = {"version": instance.version, "zone": instance.zone,
             "grpc_services": ",".join(instance.grpc_services)}
-    room = META_MAX_PAIRS - 1 - sum(1 for v in mesh.values() if v)
+    room = (META_MAX_PAIRS - 1 - sum(1 for v in mesh.values() if v)
+            - int(instance.mtls) - int(instance.plaintext_port > 0))
     if len(meta) > room:
         log.warning("instance %s: only %d meta pairs registered in Consul",
                     instance.instance_id, room)
         meta = dict(sorted(meta.items())[:room])
     meta.update({k: v for k, v in mesh.items() if v})
     meta["sidecar"] = "true" if instance.sidecar else "false"
+    if instance.mtls:
+        meta[MTLS_META] = "true"
+    if instance.plaintext_port > 0:
+        meta[PLAINTEXT_PORT_META] = str(instance.plaintext_port)
     return meta
 
 

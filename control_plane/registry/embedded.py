@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_GRACE = 5.0
 _KNOWN_KEYS = frozenset({"service", "instance_id", "inbound_address", "version", "zone",
-                         "grpc_services", "mesh_sidecar"})
+                         "grpc_services", "mesh_sidecar", "mtls", "plaintext_address"})
 
 
 class NodeMetadataError(ValueError):
@@ -139,13 +139,22 @@ def instance_from_node(node: base_pb2.Node) -> Instance | None:
     inbound = _string(fields, "inbound_address")
     if not inbound:
         raise NodeMetadataError("node metadata.inbound_address: missing")
-    address, port = _split_host_port(inbound)
+    address, port = _split_host_port(inbound, "inbound_address")
+    mtls = _truthy(fields.get("mtls"))
+    plaintext_port = 0
+    plaintext = _string(fields, "plaintext_address")
+    if plaintext:
+        plain_host, plaintext_port = _split_host_port(plaintext, "plaintext_address")
+        if plain_host != address:
+            # Instance keeps one address: a plaintext port elsewhere could not be described.
+            raise NodeMetadataError(f"node metadata.plaintext_address: {plaintext!r}: host must "
+                                    f"be the inbound_address host {address!r}")
     meta = tuple(sorted((key, value.string_value) for key, value in fields.items()
                         if key not in _KNOWN_KEYS and value.WhichOneof("kind") == "string_value"))
     return Instance(service=service, instance_id=instance_id, address=address, port=port,
                     version=_string(fields, "version"), zone=_string(fields, "zone"),
                     grpc_services=_string_list(fields, "grpc_services"), meta=meta,
-                    sidecar=True)
+                    sidecar=True, mtls=mtls, plaintext_port=plaintext_port)
 
 
 def _truthy(value: struct_pb2.Value | None) -> bool:
@@ -186,8 +195,8 @@ def _string_list(fields: Mapping[str, struct_pb2.Value], key: str) -> tuple[str,
     return tuple(sorted({s for s in items if s}))
 
 
-def _split_host_port(text: str) -> tuple[str, int]:
-    where = "node metadata.inbound_address"
+def _split_host_port(text: str, key: str) -> tuple[str, int]:
+    where = f"node metadata.{key}"
     host, sep, port_text = text.rpartition(":")
     if not sep or not host:
         raise NodeMetadataError(f"{where}: {text!r} is not HOST:PORT")

@@ -22,6 +22,10 @@ class Instance:
     meta: tuple[tuple[str, str], ...] = ()  # everything else, sorted by key
     sidecar: bool = True
     healthy: bool = True
+    # Issue 5: a sidecar with a workload identity serves mTLS only on `port` and plaintext on
+    # `plaintext_port` (same address; 0: none known). Translation picks the port by mesh mode.
+    mtls: bool = False
+    plaintext_port: int = 0
 
     @property
     def endpoint(self) -> str:

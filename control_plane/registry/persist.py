@@ -53,4 +53,9 @@ def _instance(item: dict[str, Any]) -> Instance:
     for key in ("grpc_services", "tags"):
         values[key] = tuple(values.get(key, ()))
     values["meta"] = tuple(tuple(pair) for pair in values.get("meta", ()))
+    # Files written before issue 5 lack mtls / plaintext_port: the defaults (plaintext) apply.
+    for key, kind in (("mtls", bool), ("plaintext_port", int)):
+        if key in values and not isinstance(values[key], kind):
+            raise TypeError(f"instance {values.get('instance_id')!r}: {key} must be a "
+                            f"{kind.__name__}")
     return Instance(**values)
