@@ -12,12 +12,18 @@ Two kinds of node:
   same name, CDS/EDS shared with the sidecars.
 
 The ADS server caches with `share_key`: nodes with the same key get the same answer for the
-same type and names (LDS/RDS differ per sidecar service; CDS/EDS are the same for everyone).
+same type and names (LDS/RDS differ per sidecar service; CDS/EDS differ per variant: `sidecar`,
+`proxyless`, and `proxyless-mtls` for a proxyless node with node metadata `mtls: true`).
+
+mTLS (translate_tls has the whole table): the mesh mode (MeshConfig mtls.mode), the variant and
+the CA's trust bundle (the third input besides the registry view and the policies) decide the
+inbound filter chains, the clusters' transport sockets and which port of an mtls instance EDS
+gives.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from envoy.config.core.v3 import base_pb2
@@ -41,6 +47,11 @@ from control_plane.translate_common import (
 )
 from control_plane.translate_listeners import api_listener, sidecar_listeners
 from control_plane.translate_routes import proxyless_route_config, sidecar_route_config
+from control_plane.translate_tls import (
+    PROXYLESS_MTLS_VARIANT,
+    PROXYLESS_VARIANT,
+    SIDECAR_VARIANT,
+)
 
 __all__ = [
     "CLUSTER_TYPE",
@@ -57,6 +68,7 @@ __all__ = [
     "share_key",
     "snapshot",
     "translate",
+    "variant",
     "version_of",
 ]
 
@@ -77,6 +89,7 @@ class NodeInfo:
     # route's max_stream_duration, by one to two seconds, so a 1 s policy timeout fails every
     # call at once (grpc/grpc#34547, #40633). Such clients get routes without it.
     grpcio: bool = False
+    mtls: bool = False  # metadata mtls: true (a workload identity: dials and serves mTLS)
 
 
 def node_info(node: base_pb2.Node) -> NodeInfo:
@@ -95,10 +108,13 @@ def node_info(node: base_pb2.Node) -> NodeInfo:
             return str(int(value.number_value))
         return ""
 
-    sidecar_flag = fields.get("mesh_sidecar")
-    sidecar = sidecar_flag is not None and (
-        sidecar_flag.bool_value if sidecar_flag.WhichOneof("kind") == "bool_value"
-        else text("mesh_sidecar").lower() == "true")
+    def flag(key: str) -> bool:
+        value = fields.get(key)
+        return value is not None and (
+            value.bool_value if value.WhichOneof("kind") == "bool_value"
+            else text(key).lower() == "true")
+
+    sidecar = flag("mesh_sidecar")
     id_service, _, id_instance = node.id.partition("~")
     service = text("service") or node.cluster or (id_service if id_instance else "")
     return NodeInfo(
@@ -111,6 +127,7 @@ def node_info(node: base_pb2.Node) -> NodeInfo:
         zone=text("zone") or node.locality.zone,
         grpc_services=_string_list(fields.get("grpc_services")),
         grpcio=is_grpcio(node.user_agent_name),
+        mtls=flag("mtls"),
     )
 
 
@@ -137,11 +154,18 @@ def _info(node: NodeInfo | base_pb2.Node) -> NodeInfo:
     return node if isinstance(node, NodeInfo) else node_info(node)
 
 
+def variant(node: NodeInfo) -> str:
+    """Which CDS/EDS a node gets (translate_tls)."""
+    if node.sidecar:
+        return SIDECAR_VARIANT
+    return PROXYLESS_MTLS_VARIANT if node.mtls else PROXYLESS_VARIANT
+
+
 def share_key(node: NodeInfo | base_pb2.Node, type_url: str) -> str:
     """Nodes with equal keys get equal `translate` results for equal (type_url, names)."""
     node = _info(node)
     if type_url in (CLUSTER_TYPE, ENDPOINT_TYPE):
-        return type_url
+        return f"{type_url}|{variant(node)}"
     if node.sidecar:
         return f"{type_url}|sidecar|{node.service}"
     if type_url == ROUTE_TYPE and node.grpcio:
@@ -150,10 +174,12 @@ def share_key(node: NodeInfo | base_pb2.Node, type_url: str) -> str:
 
 
 def translate(view: RegistryView, policies: PolicySet | None, node: NodeInfo | base_pb2.Node,
-              type_url: str, names: Iterable[str] | None = None) -> dict[str, Message]:
+              type_url: str, names: Iterable[str] | None = None,
+              trust_bundle: Sequence[str] = ()) -> dict[str, Message]:
     """The resources of one type for one node: the requested names that exist, or with names
     None (a wildcard subscription) all of them. Unknown names are absent, never an error.
-    Sorted by name. An unknown type URL gives nothing."""
+    Sorted by name. An unknown type URL gives nothing. `trust_bundle` (root PEMs) goes inline
+    into the TLS contexts; empty leaves trusted_ca out."""
     policies = policies if policies is not None else PolicySet()
     node = _info(node)
     if names is None:
@@ -162,31 +188,40 @@ def translate(view: RegistryView, policies: PolicySet | None, node: NodeInfo | b
         wanted = sorted(set(names))
         if not wanted:
             return {}
+    bundle = tuple(trust_bundle)
     if type_url == LISTENER_TYPE:
-        found = _listeners(view, policies, node, wanted)
+        found = _listeners(view, policies, node, wanted, bundle)
     elif type_url == ROUTE_TYPE:
         found = _route_configs(view, policies, node, wanted)
     elif type_url == CLUSTER_TYPE:
-        found = _pick(clusters(view, policies), wanted)
+        found = _pick(clusters(view, policies, variant(node), bundle), wanted)
     elif type_url == ENDPOINT_TYPE:
-        found = _pick(load_assignments(view, policies), wanted)
+        found = _pick(load_assignments(view, policies, variant(node)), wanted)
     else:
         found = {}
     return {name: found[name] for name in sorted(found)}
 
 
-class TranslationProvider:
-    """ads_server's ResourceProvider over `translate`: reads the current registry view and
-    policy set through the callables it is given, so it holds no state of its own."""
+def _no_bundle() -> tuple[str, ...]:
+    return ()
 
-    def __init__(self, view: Callable[[], RegistryView], policies: Callable[[], PolicySet]
-                 ) -> None:
+
+class TranslationProvider:
+    """ads_server's ResourceProvider over `translate`: reads the current registry view, policy
+    set and trust bundle through the callables it is given, so it holds no state of its own.
+    They are called on every translation: each must be cheap and must not block (the control
+    plane hands over the bundle its CA last announced, not a read of the CA state)."""
+
+    def __init__(self, view: Callable[[], RegistryView], policies: Callable[[], PolicySet],
+                 trust_bundle: Callable[[], tuple[str, ...]] = _no_bundle) -> None:
         self._view = view
         self._policies = policies
+        self._trust_bundle = trust_bundle
 
     def resources_for(self, node: base_pb2.Node, type_url: str,
                       names: frozenset[str] | None) -> Mapping[str, Message]:
-        return translate(self._view(), self._policies(), node, type_url, names)
+        return translate(self._view(), self._policies(), node, type_url, names,
+                         self._trust_bundle())
 
     def share_key(self, node: base_pb2.Node, type_url: str) -> str:
         return share_key(node, type_url)
@@ -203,10 +238,12 @@ class XdsSnapshot:
     versions: Mapping[str, str]
 
 
-def snapshot(view: RegistryView, policies: PolicySet | None, node: NodeInfo) -> XdsSnapshot:
+def snapshot(view: RegistryView, policies: PolicySet | None, node: NodeInfo,
+             trust_bundle: Sequence[str] = ()) -> XdsSnapshot:
     """All four types at once (for /config_dump-like status and tests). For a proxyless node
     the listeners and route configs are those of every known destination."""
-    resources = {t: translate(view, policies, node, t) for t in TYPE_URLS}
+    resources = {t: translate(view, policies, node, t, trust_bundle=trust_bundle)
+                 for t in TYPE_URLS}
     return XdsSnapshot(resources=resources,
                        versions={t: version_of(r) for t, r in resources.items()})
 
@@ -218,9 +255,9 @@ def _pick(found: Mapping[str, Message], wanted: list[str] | None) -> dict[str, M
 
 
 def _listeners(view: RegistryView, policies: PolicySet, node: NodeInfo,
-               wanted: list[str] | None) -> dict[str, Message]:
+               wanted: list[str] | None, trust_bundle: tuple[str, ...]) -> dict[str, Message]:
     if node.sidecar:
-        return _pick(sidecar_listeners(node.service, policies), wanted)
+        return _pick(sidecar_listeners(node.service, policies, trust_bundle), wanted)
     return {name: api_listener(name)
             for name, _service in _proxyless_names(view, policies, wanted)}
 

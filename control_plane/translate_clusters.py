@@ -23,12 +23,17 @@ noted):
   enforcing_success_rate is set to 0 and consecutive_gateway_failure enforcement left at 0, so
   no detector runs that the policy did not ask for (Envoy enables success rate ejection by
   default).
+
+mTLS (the mode x node-variant table is in translate_tls): the sidecar variant's clusters get
+transport_socket_matches (mtls / plaintext) unless the mode is DISABLE; the proxyless-mtls
+variant's clusters of a service with mtls instances get one TLS transport_socket; an EDS
+endpoint's port and metadata follow translate_tls.endpoint_plan.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2, health_check_pb2
@@ -47,6 +52,16 @@ from control_plane.translate_common import (
     duration,
     pack,
     subset_cluster,
+)
+from control_plane.translate_tls import (
+    DISABLE,
+    PROXYLESS_MTLS_VARIANT,
+    SIDECAR_VARIANT,
+    EndpointPlan,
+    endpoint_metadata,
+    endpoint_plan,
+    proxyless_transport_socket,
+    sidecar_socket_matches,
 )
 
 
@@ -68,18 +83,32 @@ def cluster_plan(view: RegistryView, policies: PolicySet
     return plan
 
 
-def clusters(view: RegistryView, policies: PolicySet) -> dict[str, cluster_pb2.Cluster]:
-    return {name: build_cluster(name, policy)
-            for name, _service, _subset, policy in cluster_plan(view, policies)}
+def clusters(view: RegistryView, policies: PolicySet, variant: str = SIDECAR_VARIANT,
+             trust_bundle: Sequence[str] = ()) -> dict[str, cluster_pb2.Cluster]:
+    mesh = policies.mesh_config()
+    out: dict[str, cluster_pb2.Cluster] = {}
+    for name, service, _subset, policy in cluster_plan(view, policies):
+        cluster = build_cluster(name, policy)
+        if mesh.mtls_mode != DISABLE:
+            if variant == SIDECAR_VARIANT:
+                cluster.transport_socket_matches.extend(
+                    sidecar_socket_matches(service, mesh.trust_domain, trust_bundle))
+            elif variant == PROXYLESS_MTLS_VARIANT and any(
+                    i.mtls for i in view.instances_of(service)):
+                cluster.transport_socket.CopyFrom(
+                    proxyless_transport_socket(service, mesh.trust_domain))
+        out[name] = cluster
+    return out
 
 
-def load_assignments(view: RegistryView, policies: PolicySet
+def load_assignments(view: RegistryView, policies: PolicySet, variant: str = SIDECAR_VARIANT
                      ) -> dict[str, endpoint_pb2.ClusterLoadAssignment]:
+    mode = policies.mesh_config().mtls_mode
     out: dict[str, endpoint_pb2.ClusterLoadAssignment] = {}
     for name, service, subset, _policy in cluster_plan(view, policies):
         members = [i for i in view.instances_of(service)
                    if subset is None or subset.selects(i)]
-        out[name] = build_load_assignment(name, members)
+        out[name] = build_load_assignment(name, members, mode, variant)
     return out
 
 
@@ -161,35 +190,40 @@ def _outlier_detection(cluster: cluster_pb2.Cluster, policy: TrafficPolicy) -> N
         out.failure_percentage_request_volume.value = _uint32(fp.request_volume)
 
 
-def build_load_assignment(name: str, instances: Iterable[Instance]
-                          ) -> endpoint_pb2.ClusterLoadAssignment:
+def build_load_assignment(name: str, instances: Iterable[Instance], mode: str = DISABLE,
+                          variant: str = SIDECAR_VARIANT) -> endpoint_pb2.ClusterLoadAssignment:
     """Healthy instances only, one locality per zone, each weighted by its endpoint count.
 
     Weighting a locality by how many endpoints it has keeps every endpoint's share equal under
     gRPC's weighted locality picking, and gRPC drops localities that have no weight at all.
     An address seen twice (two registrations of one sidecar) is kept once: gRPC rejects an
-    EDS resource with duplicate addresses.
+    EDS resource with duplicate addresses. The port (and metadata) of an mtls instance depend
+    on the mesh mode and the node variant (translate_tls.endpoint_plan).
     """
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
-    by_zone: dict[str, list[Instance]] = {}
+    by_zone: dict[str, list[tuple[Instance, EndpointPlan]]] = {}
     seen: set[tuple[str, int]] = set()
     for inst in sorted(instances, key=lambda i: (i.instance_id, i.address, i.port)):
-        key = (inst.address, inst.port)
-        if not inst.healthy or not inst.address or not 0 < inst.port < 65536 or key in seen:
+        plan = endpoint_plan(inst, mode, variant)
+        key = (inst.address, plan.port)
+        if not inst.healthy or not inst.address or not 0 < plan.port < 65536 or key in seen:
             continue
         seen.add(key)
-        by_zone.setdefault(inst.zone, []).append(inst)
+        by_zone.setdefault(inst.zone, []).append((inst, plan))
     for zone in sorted(by_zone):
         members = by_zone[zone]
         locality = cla.endpoints.add()
         locality.locality.zone = zone
         locality.load_balancing_weight.value = len(members)
-        for inst in members:
+        for inst, plan in members:
             lb_endpoint = locality.lb_endpoints.add(health_status=health_check_pb2.HEALTHY)
             lb_endpoint.endpoint.hostname = inst.instance_id
             sock = lb_endpoint.endpoint.address.socket_address
             sock.address = inst.address
-            sock.port_value = inst.port
+            sock.port_value = plan.port
+            metadata = endpoint_metadata(plan)
+            if metadata is not None:
+                lb_endpoint.metadata.CopyFrom(metadata)
     return cla
 
 

@@ -30,6 +30,12 @@ always_consume_default_token_bucket false (a call spends tokens from one bucket 
 
 MeshConfig tracing.samplingPercent -> the outbound HCM's tracing.random_sampling (the caller's
 sidecar starts traces); trustDomain -> the RBAC principals above.
+
+MeshConfig mtls.mode -> `inbound|S`'s filter chains, each with the same HCM (translate_tls):
+STRICT one chain, transport_protocol "tls" with a DownstreamTlsContext (client certificate
+required, the "mesh-identity" certificate provider instance, the trust bundle as trusted_ca);
+PERMISSIVE that chain and then a "raw_buffer" chain without transport socket; DISABLE only the
+"raw_buffer" chain. `outbound|S` keeps one plain chain (the sidecar's local listener).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from decimal import Decimal
 from fractions import Fraction
 
 from envoy.config.core.v3 import base_pb2
-from envoy.config.listener.v3 import listener_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
@@ -73,13 +79,20 @@ from control_plane.translate_common import (
     outbound_name,
     pack,
 )
+from control_plane.translate_tls import (
+    TLS_PROTOCOL,
+    downstream_transport_socket,
+    inbound_chain_protocols,
+    spiffe_id,
+)
 
 METHOD_KEY = "method"
 CALLER_KEY = "source_cluster"
 
 
 
-def sidecar_listeners(service: str, policies: PolicySet) -> dict[str, listener_pb2.Listener]:
+def sidecar_listeners(service: str, policies: PolicySet, trust_bundle: Sequence[str] = ()
+                      ) -> dict[str, listener_pb2.Listener]:
     mesh = policies.mesh_config()
     outbound = _hcm(outbound_name(service), rds=outbound_name(service),
                     filters=[_filter(FAULT_FILTER, fault_pb2.HTTPFault())])
@@ -100,11 +113,29 @@ def sidecar_listeners(service: str, policies: PolicySet) -> dict[str, listener_p
     route.route.cluster = INBOUND_APP_CLUSTER
     route.route.timeout.CopyFrom(duration(0))  # the caller's deadline governs
 
+    inbound_listener = _socket_listener(inbound_name(service), base_pb2.INBOUND, inbound)
+    _mode_chains(inbound_listener, mesh.mtls_mode, trust_bundle)
     return {
-        inbound_name(service): _socket_listener(inbound_name(service), base_pb2.INBOUND, inbound),
+        inbound_name(service): inbound_listener,
         outbound_name(service): _socket_listener(outbound_name(service), base_pb2.OUTBOUND,
                                                  outbound),
     }
+
+
+def _mode_chains(listener: listener_pb2.Listener, mode: str, trust_bundle: Sequence[str]
+                 ) -> None:
+    """Replace the listener's one chain by one per transport the mode accepts."""
+    [template] = listener.filter_chains
+    chains = []
+    for protocol in inbound_chain_protocols(mode):
+        chain = listener_components_pb2.FilterChain()
+        chain.CopyFrom(template)
+        chain.filter_chain_match.transport_protocol = protocol
+        if protocol == TLS_PROTOCOL:
+            chain.transport_socket.CopyFrom(downstream_transport_socket(trust_bundle))
+        chains.append(chain)
+    del listener.filter_chains[:]
+    listener.filter_chains.extend(chains)
 
 
 def api_listener(name: str) -> listener_pb2.Listener:
@@ -176,10 +207,6 @@ def _rbac_policy(policy: rbac_pb2.Policy, rule: AuthorizationRule, mesh: MeshCon
         policy.permissions.add().url_path.path.CopyFrom(matcher)
     if not rule.methods:
         policy.permissions.add(any=True)
-
-
-def spiffe_id(trust_domain: str, service: str) -> str:
-    return f"spiffe://{trust_domain}/service/{service}"
 
 
 # --- RateLimitPolicy --------------------------------------------------------------------------

@@ -235,11 +235,13 @@ def hcm_of(listener: listener_pb2.Listener) -> hcm_pb2.HttpConnectionManager:
     hcm = hcm_pb2.HttpConnectionManager()
     if listener.HasField("api_listener"):
         assert listener.api_listener.api_listener.Unpack(hcm)
-    else:
-        [chain] = listener.filter_chains
-        [network_filter] = chain.filters
-        assert network_filter.name == "envoy.filters.network.http_connection_manager"
-        assert network_filter.typed_config.Unpack(hcm)
+    else:  # one chain per transport the mTLS mode accepts, each with the same HCM
+        assert listener.filter_chains
+        for chain in listener.filter_chains:
+            [network_filter] = chain.filters
+            assert network_filter.name == "envoy.filters.network.http_connection_manager"
+            assert network_filter.typed_config == listener.filter_chains[0].filters[0].typed_config
+        assert listener.filter_chains[0].filters[0].typed_config.Unpack(hcm)
     return hcm
 
 
