@@ -41,6 +41,10 @@ from sidecar.static_config import split_host_port
 log = logging.getLogger("control_plane")
 
 _REGISTRY_DEBOUNCE = 0.1  # seconds: registry changes closer than this are pushed together
+# How often the CA state is read to notice a root rotated by another replica or retired by
+# time (each read tells on_change listeners); more often while there are no roots yet.
+_BUNDLE_REFRESH = 10.0
+_BUNDLE_RETRY = 1.0
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -122,8 +126,12 @@ class ControlPlane:
         self.ca = CertificateAuthority(ca_state, trust_domain=self._trust_domain,
                                        ttl=args.cert_ttl, operator=operator)
         self.tokens = TokenStore(ca_state)
+        # The bundle the CA last announced (on_change), not a read of the CA state: translation
+        # runs on the event loop for every cache miss and must not wait on Consul.
+        self._trust_bundle: tuple[str, ...] = ()
         self.ads = AdsServer(_UntilReady(TranslationProvider(self.registry.view,
-                                                             self.store.policy_set),
+                                                             self.store.policy_set,
+                                                             self._current_trust_bundle),
                                          self._not_ready),
                              on_connect=self._announce, on_disconnect=self._withdraw)
         self.metrics = ControlPlaneMetrics(self.ads, {self.source_name: self.registry},
@@ -139,6 +147,9 @@ class ControlPlane:
         if isinstance(self.store, ConsulKVStore) and not self.store.ready.is_set():
             return None
         return self.store.policy_set().mesh_config().trust_domain
+
+    def _current_trust_bundle(self) -> tuple[str, ...]:
+        return self._trust_bundle
 
     async def _announce(self, node: object, owner: object) -> None:
         instance = instance_from_node(node)  # NodeMetadataError rejects the stream
@@ -159,11 +170,21 @@ class ControlPlane:
             loop.call_soon_threadsafe(self.ads.notify_changed)
 
         self._unsubscribe = self.store.on_change(policies_changed)
+
+        # Roots change from a worker thread (ca.start, a signing request, the refresh task): keep
+        # the bundle, then hop to the loop to push it (CDS and LDS carry it inline).
+        def bundle_changed(bundle: tuple[str, ...]) -> None:
+            self._trust_bundle = tuple(bundle)
+            with contextlib.suppress(RuntimeError):  # the loop is closing
+                loop.call_soon_threadsafe(self.ads.notify_changed)
+
+        self.ca.on_change(bundle_changed)
         self._tasks.append(loop.create_task(self._follow_registry()))
         self._tasks.append(loop.create_task(self._notify_when_ready()))
         self.ads.add_to_server(self.server)
         policy_api.add_to_server(self.server, self.store)
-        await asyncio.to_thread(self.ca.start)
+        await asyncio.to_thread(self.ca.start)  # before ADS serves: translation needs the roots
+        self._tasks.append(loop.create_task(self._refresh_trust_bundle()))
         ca_api.add_to_server(self.server, self.ca, self.tokens)
         status_api.add_to_server(self.server, self.ads.proxy_status,
                                  status_api.registry_report({self.source_name: self.registry}))
@@ -188,6 +209,15 @@ class ControlPlane:
             # Coalesce bursts (a thousand sidecars reconnecting after a restart): the
             # subscription hands over only the latest view, so one push covers the burst.
             await asyncio.sleep(_REGISTRY_DEBOUNCE)
+
+    async def _refresh_trust_bundle(self) -> None:
+        """Read the CA state now and then: the CA tells on_change when the bundle differs."""
+        while True:
+            await asyncio.sleep(_BUNDLE_REFRESH if self._trust_bundle else _BUNDLE_RETRY)
+            try:
+                await asyncio.to_thread(self.ca.roots)
+            except Exception as exc:  # Consul down, a bad state document: keep the last bundle
+                log.warning("certificate authority: cannot read the roots: %s", exc)
 
     async def _notify_when_ready(self) -> None:
         """Push once the registry and the policies have first been read (see _not_ready)."""
@@ -214,6 +244,8 @@ class ControlPlane:
             return "registry not synced yet"
         if isinstance(self.store, ConsulKVStore) and not self.store.ready.is_set():
             return "policies not read from Consul yet"
+        if not self._trust_bundle:
+            return "the certificate authority has no roots yet"
         return None
 
     def _ready(self, _query: str) -> Response:

@@ -226,9 +226,10 @@ def _value_violations(value, rules: validate_pb2.FieldRules, path: str) -> list[
     return out
 
 
-def all_types(view: RegistryView, pol: s.PolicySet | None, node: NodeInfo
-              ) -> dict[str, dict[str, Message]]:
-    return {t: parsed_back(translate(view, pol, node, t), t) for t in MESSAGE_FOR_TYPE}
+def all_types(view: RegistryView, pol: s.PolicySet | None, node: NodeInfo,
+              trust_bundle: tuple[str, ...] = ()) -> dict[str, dict[str, Message]]:
+    return {t: parsed_back(translate(view, pol, node, t, trust_bundle=trust_bundle), t)
+            for t in MESSAGE_FOR_TYPE}
 
 
 def hcm_of(listener: listener_pb2.Listener) -> hcm_pb2.HttpConnectionManager:
