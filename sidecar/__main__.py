@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from sidecar.config import parse
+from sidecar.identity import IdentityError
 from sidecar.runtime import Sidecar
 from sidecar.xds_translate import ConfigError
 
@@ -36,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(_run(Sidecar(settings)))
+    except IdentityError as exc:
+        print(f"mesh-sidecar: {exc}", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         print(f"mesh-sidecar: invalid config: {exc}", file=sys.stderr)
         return 2

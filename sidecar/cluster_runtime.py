@@ -18,7 +18,7 @@ from sidecar.balancer.least_request import LeastRequest
 from sidecar.balancer.ring_hash import RingHash
 from sidecar.balancer.weighted import WeightedRoundRobin
 from sidecar.balancer.zone_aware import ZoneAware
-from sidecar.model import Cluster, LbPolicy, RetryBudgetConfig
+from sidecar.model import Cluster, Endpoint, LbPolicy, RetryBudgetConfig, UpstreamTlsSpec
 from sidecar.stages.breaker import CircuitBreaker
 from sidecar.stages.outlier import OutlierDetector
 from sidecar.stages.retry_budget import RetryBudget
@@ -35,6 +35,7 @@ class ClusterRuntime:
         "_random",
         "breaker",
         "budget",
+        "channels",
         "config",
         "detector",
         "finished",
@@ -70,7 +71,8 @@ class ClusterRuntime:
     def update(self, config: Cluster, pool: ChannelPool) -> None:
         """Apply a new version of this cluster's config, keeping counts and ejections."""
         self.config = config
-        channels = [pool.get(ep.address) for ep in config.endpoints]
+        channels = [dial(pool, ep, config.tls) for ep in config.endpoints]
+        self.channels: tuple[UpstreamChannel, ...] = tuple(channels)
         weights = [ep.weight for ep in config.endpoints]
         self.zone_of = {ch: ep.zone for ch, ep in zip(channels, config.endpoints, strict=True)}
         self.breaker.update_limits(config.max_requests, config.max_pending)
@@ -142,3 +144,15 @@ class ClusterRuntime:
         """The outlier detector's interval sweep (called about once a second)."""
         if self.detector is not None:
             self.detector.poll()
+
+
+def dial(pool: ChannelPool, endpoint: Endpoint, tls: UpstreamTlsSpec | None) -> UpstreamChannel:
+    """The channel for one endpoint: mTLS when it takes mTLS and we have an identity; its
+    plaintext port when it also takes plaintext (PERMISSIVE) and we have none; else plaintext
+    at its address (a STRICT endpoint then refuses the handshake: the call fails UNAVAILABLE)."""
+    if endpoint.mtls and tls is not None:
+        if pool.has_identity:
+            return pool.get(endpoint.address, tls.server_name)
+        if endpoint.plaintext_address:
+            return pool.get(endpoint.plaintext_address)
+    return pool.get(endpoint.address)

@@ -39,6 +39,13 @@ class Settings:
     trace_sampling_percent: float = 1.0
     access_log: str = "off"
     access_log_sample: float = 1.0
+    token: str | None = field(default=None, repr=False)  # bootstrap token for the mesh CA
+    token_file: str | None = None
+    inbound_plaintext: str | None = None  # with an identity: the plaintext inbound listener
+
+    @property
+    def wants_identity(self) -> bool:
+        return bool(self.token or self.token_file)
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -123,6 +130,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--access-log-sample", type=float,
                    default=float(_env("ACCESS_LOG_SAMPLE", "1") or 0),
                    help="fraction of successful calls logged (errors are always logged)")
+    p.add_argument("--token", default=_env("TOKEN"),
+                   help="bootstrap token for the mesh CA (`meshctl token create --service S`); "
+                        "prefer MESH_TOKEN or --token-file, a flag shows in `ps`. With a token "
+                        "the sidecar gets a workload certificate and --inbound takes mTLS only")
+    p.add_argument("--token-file", default=_env("TOKEN_FILE"),
+                   help="file holding the bootstrap token")
+    p.add_argument("--inbound-plaintext", default=_env("INBOUND_PLAINTEXT"),
+                   help="with a token: plaintext inbound listener for callers outside the mesh, "
+                        "used in mTLS mode PERMISSIVE or DISABLE (refused in STRICT); unset "
+                        "means --inbound's host and port + 1 (port 0 if --inbound's is 0)")
     p.add_argument("--ready-file", default=_env("READY_FILE"),
                    help="write the bound addresses as JSON to this file once listening")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"),
@@ -177,6 +194,15 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise ConfigError("--access-log-sample must be between 0 and 1")
     if args.drain_timeout < 0:
         raise ConfigError("--drain-timeout must not be negative")
+    inbound_plaintext = None
+    if args.token or args.token_file:
+        if not args.control_plane:
+            raise ConfigError("--token/--token-file need --control-plane (the mesh CA)")
+        inbound_plaintext = args.inbound_plaintext or _next_port(args.inbound)
+        split_host_port(inbound_plaintext)
+    elif args.inbound_plaintext:
+        raise ConfigError("--inbound-plaintext needs a workload identity (--token or "
+                          "--token-file): without one --inbound is plaintext already")
     return Settings(service=args.service, app=args.app, config_file=args.config,
                     outbound=args.outbound, inbound=args.inbound, admin=args.admin,
                     upstreams=upstreams, routes=routes, unary_methods=tuple(args.unary_method),
@@ -188,4 +214,11 @@ def _settings(args: argparse.Namespace) -> Settings:
                     instance_id=args.instance_id, version=args.version, zone=args.zone,
                     grpc_services=tuple(args.grpc_service),
                     trace_sampling_percent=args.trace_sampling, access_log=args.access_log,
-                    access_log_sample=args.access_log_sample)
+                    access_log_sample=args.access_log_sample, token=args.token,
+                    token_file=args.token_file, inbound_plaintext=inbound_plaintext)
+
+
+def _next_port(address: str) -> str:
+    host, port = split_host_port(address)
+    bracketed = f"[{host}]" if ":" in host else host
+    return f"{bracketed}:{port + 1 if port else 0}"

@@ -46,8 +46,12 @@ async def follow_control_plane(sidecar: Sidecar, settings: Settings) -> XdsClien
     if not services and settings.app:
         services = await app_services.discover(settings.app)
     instance_id = settings.instance_id or default_instance_id(settings.service, inbound)
+    plaintext = sidecar.addresses.get("inbound_plaintext")
     identity = NodeIdentity(settings.service, instance_id, inbound, settings.version,
-                            settings.zone, tuple(services))
+                            settings.zone, tuple(services), mtls=plaintext is not None,
+                            plaintext_address=(advertised_address(plaintext,
+                                                                  settings.control_plane)
+                                               if plaintext else ""))
     state_dir = settings.state_dir or default_state_dir(instance_id)
     os.makedirs(state_dir, exist_ok=True)
     local = static_config.from_flags(settings.service, settings.app, {}, {})

@@ -18,7 +18,7 @@ from sidecar.cluster_runtime import ClusterRuntime
 from sidecar.model import Direction, Route, Snapshot
 from sidecar.router import Router
 from sidecar.stages.rate_limit import RateLimiter
-from sidecar.upstream.pool import ChannelPool
+from sidecar.upstream.pool import ChannelPool, Key
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +65,9 @@ class DataPlane:
             same = previous_limiter is not None and previous_limiter.config == limit
             self.rate_limiter = previous_limiter if same else RateLimiter(limit)
 
-    def addresses(self) -> Iterable[str]:
-        return {ep.address for c in self.snapshot.clusters.values() for ep in c.endpoints}
+    def channel_keys(self) -> Iterable[Key]:
+        """The pool channels this config dials (the pool closes the others)."""
+        return {ch.key for runtime in self.clusters.values() for ch in runtime.channels}
 
     def resolve(self, direction: Direction, method: str,
                 metadata: Iterable[tuple[str, str | bytes]] | None) -> Target | Refusal:

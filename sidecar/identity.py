@@ -188,6 +188,16 @@ class _Publisher:
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
+    def replace_trust_bundle(self, roots: tuple[bytes, ...]) -> bool:
+        """The roots delivered with the config (a root rotation reaches every sidecar with the
+        next push, before any peer shows a certificate of the new root): publish the current
+        certificate with them when they differ. True when something changed."""
+        current = self._current
+        if current is None or not roots or _same(roots, current.trust_bundle_pem):
+            return False
+        self._publish(dataclasses.replace(current, trust_bundle_pem=roots))
+        return True
+
     def _publish(self, identity: Identity) -> None:
         self._current = identity
         self._version += 1
@@ -226,6 +236,10 @@ class StaticCertificateSource(_Publisher):
             return False
         self._publish(identity)
         return True
+
+
+def _same(a: Sequence[bytes], b: Sequence[bytes]) -> bool:
+    return [x.strip() for x in a] == [y.strip() for y in b]
 
 
 def _read_files(cert_file: str, key_file: str, bundle_file: str) -> Identity:
@@ -289,6 +303,8 @@ class Signer(Protocol):
 
     async def trust_bundle(self) -> tuple[str, ...]: ...
 
+    async def trust_domain(self) -> str: ...
+
 
 class GrpcSigner:
     """mesh.v1.CertificateService over a channel to the control plane."""
@@ -310,6 +326,13 @@ class GrpcSigner:
         response = await self._stub.TrustBundle(self._pb.TrustBundleRequest(),
                                                 timeout=self._timeout)
         return tuple(response.trust_bundle_pem)
+
+    async def trust_domain(self) -> str:
+        response = await self._stub.TrustBundle(self._pb.TrustBundleRequest(),
+                                                timeout=self._timeout)
+        if not response.trust_domain:
+            raise IdentityError("the CA did not say its trust domain")
+        return str(response.trust_domain)
 
 
 def read_token(token: str | None, token_file: str | None) -> str:
@@ -336,7 +359,9 @@ def describe_error(err: BaseException) -> str:
 
 
 class CertificateSource(_Publisher):
-    """Keeps a valid certificate for `service`, from the mesh CA, for as long as it runs."""
+    """Keeps a valid certificate for `service`, from the mesh CA, for as long as it runs.
+
+    trust_domain "" means: ask the CA (MeshConfig's trust domain) before the first CSR."""
 
     def __init__(self, service: str, trust_domain: str, signer: Signer, *,
                  policy: RenewalPolicy | None = None, bundle_interval: float | None = 300.0,
@@ -347,7 +372,7 @@ class CertificateSource(_Publisher):
         super().__init__()
         self.service = service
         self.trust_domain = trust_domain
-        self.spiffe_id = spiffe_id(trust_domain, service)
+        self.spiffe_id = spiffe_id(trust_domain, service) if trust_domain else ""
         self._signer = signer
         self._schedule = RenewalSchedule(policy or RenewalPolicy(), rng or random.Random())
         self._bundle_interval = bundle_interval
@@ -365,6 +390,9 @@ class CertificateSource(_Publisher):
         now = self._clock()
         current = self._current
         try:
+            if not self.trust_domain:
+                self.trust_domain = await self._signer.trust_domain()
+                self.spiffe_id = spiffe_id(self.trust_domain, self.service)
             key = self._new_key()
             result = await self._signer.sign(build_csr(key, self.service, self.trust_domain))
             identity = identity_from_pem(private_key_pem(key), result.certificate_pem.encode(),

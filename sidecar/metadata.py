@@ -29,3 +29,22 @@ def forwardable(metadata: Iterable[tuple[str, str | bytes]] | None) -> Metadata:
     return tuple((k, v) for k, v in metadata
                  if not (k[0] == ":" or k in _DROP
                          or (k.startswith("grpc-") and k not in _PASS_RESERVED)))
+
+
+# Envoy's header for the caller's verified certificate. The inbound sidecar removes whatever a
+# caller sent under this name and sets it from the TLS handshake (Envoy's SANITIZE_SET), so the
+# app can trust it: it never comes from the network.
+FORWARDED_CLIENT_CERT = "x-forwarded-client-cert"
+
+
+def inbound_forwardable(metadata: Iterable[tuple[str, str | bytes]] | None,
+                        caller: str | None) -> Metadata:
+    """What the inbound hop passes to the app: as `forwardable`, without any
+    x-forwarded-client-cert from the caller, plus `URI=<caller's SPIFFE ID>` when the caller
+    proved one."""
+    kept = tuple((k, v) for k, v in metadata or ()
+                 if not (k[0] == ":" or k in _DROP or k == FORWARDED_CLIENT_CERT
+                         or (k.startswith("grpc-") and k not in _PASS_RESERVED)))
+    if caller is None:
+        return kept
+    return (*kept, (FORWARDED_CLIENT_CERT, f"URI={caller}"))

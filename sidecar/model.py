@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from enum import Enum
 
+from sidecar.authz import ALLOW_ALL, Authorizer
 from sidecar.stages.fault import FaultPolicy
 from sidecar.stages.outlier import OutlierConfig
 from sidecar.stages.rate_limit import RateLimitConfig
@@ -34,6 +35,8 @@ class Endpoint:
     address: str  # "host:port"
     weight: int = 1
     zone: str = ""
+    mtls: bool = False  # the instance takes mTLS at `address` (EDS tlsMode: mtls)
+    plaintext_address: str = ""  # where it takes plaintext too (PERMISSIVE), "" if nowhere
 
 
 class LbPolicy(Enum):
@@ -51,6 +54,36 @@ class RetryBudgetConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamTlsSpec:
+    """How to dial the cluster's mTLS endpoints: the name the server's certificate must carry
+    (checked in the handshake as the DNS SAN) and its SPIFFE ID, from the CDS
+    transport_socket_matches entry `mtls` (docs/identity.md)."""
+
+    server_name: str  # "<service>.svc.<trust domain>"
+    spiffe_id: str
+    trust_bundle: tuple[bytes, ...] = ()
+
+
+class MtlsMode(Enum):
+    STRICT = "STRICT"  # mTLS only
+    PERMISSIVE = "PERMISSIVE"  # mTLS and plaintext
+    DISABLE = "DISABLE"  # plaintext only
+
+
+@dataclass(frozen=True, slots=True)
+class InboundTls:
+    """What the inbound listener takes, from its filter chains (tls / raw_buffer), and the
+    roots its DownstreamTlsContext trusts."""
+
+    mode: MtlsMode = MtlsMode.DISABLE
+    trust_bundle: tuple[bytes, ...] = ()
+
+    @property
+    def plaintext_allowed(self) -> bool:
+        return self.mode is not MtlsMode.STRICT
+
+
+@dataclass(frozen=True, slots=True)
 class Cluster:
     name: str
     endpoints: tuple[Endpoint, ...]
@@ -59,6 +92,7 @@ class Cluster:
     max_pending: int = DEFAULT_MAX_PENDING
     outlier: OutlierConfig | None = None
     retry_budget: RetryBudgetConfig | None = None
+    tls: UpstreamTlsSpec | None = None  # None: every endpoint is dialled in plaintext
 
 
 class HeaderMatchKind(Enum):
@@ -169,6 +203,8 @@ class Snapshot:
     clusters: dict[str, Cluster]
     inbound_rate_limit: RateLimitConfig | None = None
     trace_sampling_percent: float | None = None  # from the outbound HCM's tracing
+    inbound_tls: InboundTls = InboundTls()
+    authorizer: Authorizer = ALLOW_ALL  # inbound RBAC
 
     def __hash__(self) -> int:  # dict field: identity is the snapshot's version
         return hash(self.version)

@@ -27,14 +27,15 @@ from grpc.aio import EOF, AioRpcError
 
 from sidecar.cluster_runtime import ClusterRuntime
 from sidecar.dataplane import DataPlane, Refusal, Target
-from sidecar.metadata import forwardable
+from sidecar.identity import parse_spiffe_id
+from sidecar.metadata import forwardable, inbound_forwardable
 from sidecar.method_shapes import MethodShapes
 from sidecar.model import Direction, Route
 from sidecar.stages.fault import FaultInjector
 from sidecar.stages.outlier import is_failure
-from sidecar.stages.rate_limit import RateLimiter
 from sidecar.stages.retry import RetryState, with_previous_attempts
 from sidecar.telemetry.calls import CallRecord, Telemetry
+from sidecar.tls import peer_identity
 from sidecar.upstream.pool import UpstreamChannel
 from sidecar.upstream.request_writer import ReplayingWriter, write_all
 
@@ -52,8 +53,22 @@ class ProxyHandler(grpc.GenericRpcHandler):
     def __init__(self, direction: Direction, sidecar_name: str,
                  plane: Callable[[], DataPlane], shapes: MethodShapes,
                  max_message_bytes: int, telemetry: Telemetry,
-                 local_address: str | None = None, rng: random.Random | None = None) -> None:
+                 local_address: str | None = None, rng: random.Random | None = None, *,
+                 mtls: bool = False, has_identity: bool = False) -> None:
+        """mtls: this listener's connections are mutual TLS (the peer's certificate is
+        verified); has_identity: the sidecar has a workload certificate (for messages)."""
         self._direction = direction
+        self._inbound = direction is Direction.INBOUND
+        self._mtls = mtls
+        self._callers: dict[str, str | None] = {}  # SPIFFE ID -> mesh service
+        if has_identity:
+            self._plaintext_refusal = (
+                f"mesh sidecar {sidecar_name!r} (inbound): plaintext refused, the mesh's mTLS "
+                "mode is STRICT; call through a mesh sidecar (mTLS port)")
+        else:
+            self._plaintext_refusal = (
+                f"mesh sidecar {sidecar_name!r} (inbound): the mesh's mTLS mode is STRICT and "
+                "this sidecar has no workload identity (start it with --token or --token-file)")
         self._telemetry = telemetry
         self.local_address = local_address
         self._random = rng or random.Random()
@@ -179,16 +194,48 @@ class ProxyHandler(grpc.GenericRpcHandler):
     def _hop(self, message: str) -> str:
         return f"mesh sidecar {self._name!r} ({self._direction.value}): {message}"
 
-    async def _rate_limit(self, limiter: RateLimiter, method: str,
-                          context: grpc.aio.ServicerContext, record: CallRecord) -> None:
-        refusal = limiter.check(method, self._caller(context))
-        if refusal is not None:
-            record.metrics.rate_limited()
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._hop(refusal))
+    async def _admit(self, plane: DataPlane, method: str, context: grpc.aio.ServicerContext,
+                     record: CallRecord) -> str | None:
+        """The inbound stages before routing: the transport the mesh's mTLS mode allows, then
+        authorization by the identity the caller's certificate proves (never a header), then the
+        local rate limit. Returns the caller's SPIFFE ID (None: no client certificate)."""
+        snapshot = plane.snapshot
+        caller = None
+        if self._mtls:
+            caller = peer_identity(context)
+        elif not snapshot.inbound_tls.plaintext_allowed:
+            record.metrics.denied()
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, self._plaintext_refusal)
+        authorizer = snapshot.authorizer
+        if authorizer.deny or authorizer.allow is not None:
+            decision = authorizer.check(caller, method)
+            if not decision.allowed:
+                record.metrics.denied()
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                    self._hop(decision.message))
+        limiter = plane.rate_limiter
+        if limiter is not None:
+            refusal = limiter.check(method, self._service_of(caller))
+            if refusal is not None:
+                record.metrics.rate_limited()
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._hop(refusal))
+        return caller
+
+    def _service_of(self, caller: str | None) -> str | None:
+        """The mesh service named by a caller's SPIFFE ID (rate limits per caller)."""
+        if caller is None:
+            return None
+        service = self._callers.get(caller, "")
+        if service == "":
+            parsed = parse_spiffe_id(caller)
+            service = parsed[1] if parsed is not None else None
+            if len(self._callers) < _HANDLER_CACHE_LIMIT:
+                self._callers[caller] = service
+        return service
 
     def _caller(self, context: grpc.aio.ServicerContext) -> str | None:
         """The calling mesh service, as proven by its certificate (None without mTLS)."""
-        return None
+        return self._service_of(peer_identity(context)) if self._mtls else None
 
     async def _enter(self, target: Target, context: grpc.aio.ServicerContext) -> None:
         """The stages before any upstream attempt: fault injection, then the breaker."""
@@ -265,8 +312,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
                               record: CallRecord) -> None:
         metadata = context.invocation_metadata()
         plane = self._plane()
-        if plane.rate_limiter is not None and self._direction is Direction.INBOUND:
-            await self._rate_limit(plane.rate_limiter, method, context, record)
+        caller = await self._admit(plane, method, context, record) if self._inbound else None
         target = plane.resolve(self._direction, method, metadata)
         if isinstance(target, Refusal):
             await context.abort(target.code, target.message)  # raises
@@ -284,7 +330,8 @@ class ProxyHandler(grpc.GenericRpcHandler):
             if self._shapes.should_ask(service):
                 self._shapes.learn_from(service, upstream.channel)
             timeout, by_mesh = _timeout(context, route.timeout)
-            fwd = record.headers(forwardable(metadata))
+            fwd = record.headers(inbound_forwardable(metadata, caller) if self._inbound
+                                 else forwardable(metadata))
             record.attempt(upstream.address, cluster.config.name)
             if route.retry is None:
                 await self._stream_once(method, context, owner, cluster, upstream, fwd, timeout,
@@ -435,8 +482,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
                                 self._too_large("request", len(request)))
         metadata = context.invocation_metadata()
         plane = self._plane()
-        if plane.rate_limiter is not None and self._direction is Direction.INBOUND:
-            await self._rate_limit(plane.rate_limiter, method, context, record)
+        caller = await self._admit(plane, method, context, record) if self._inbound else None
         target = plane.resolve(self._direction, method, metadata)
         if isinstance(target, Refusal):
             await context.abort(target.code, target.message)  # raises
@@ -447,7 +493,8 @@ class ProxyHandler(grpc.GenericRpcHandler):
         try:
             hash_key = _header(metadata, route.hash_header) if route.hash_header else None
             timeout, by_mesh = _timeout(context, route.timeout)
-            fwd = record.headers(forwardable(metadata))
+            fwd = record.headers(inbound_forwardable(metadata, caller) if self._inbound
+                                 else forwardable(metadata))
             retry = route.retry
             state = RetryState(retry, self._random) if retry is not None else None
             budget = cluster.budget

@@ -20,6 +20,7 @@ from sidecar.admin_http import AdminServer, Response
 from sidecar.atomic_file import write_atomically
 from sidecar.config import Settings
 from sidecar.dataplane import DataPlane
+from sidecar.identity import Identity
 from sidecar.method_shapes import MethodShapes
 from sidecar.model import Direction, Snapshot
 from sidecar.proxy import ProxyHandler
@@ -29,6 +30,7 @@ from sidecar.telemetry.calls import Telemetry
 from sidecar.telemetry.metrics import SidecarMetrics
 from sidecar.telemetry.tracing import SidecarTracing
 from sidecar.upstream.pool import ChannelPool
+from sidecar.workload_identity import WorkloadIdentity
 from sidecar.xds_translate import compile_snapshot
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,13 @@ class Sidecar:
             # Drops grpc-core filters a pass-through hop does not need; message sizes are then
             # enforced by the proxy itself (proxy.py), deadlines and compression still work.
             self._limit_options.append(("grpc.minimal_stack", 1))
+        # With a bootstrap token: a workload certificate from the mesh CA, mTLS on --inbound
+        # and to every upstream that takes it (docs/identity.md).
+        self.identity: WorkloadIdentity | None = None
+        if settings.wants_identity:
+            assert settings.control_plane is not None
+            self.identity = WorkloadIdentity(settings.service, settings.control_plane,
+                                             settings.token, settings.token_file)
         self.pool = ChannelPool(self._limit_options)
         self.shapes = MethodShapes(settings.unary_methods, learn=settings.learn_method_shapes)
         self.telemetry = Telemetry(
@@ -58,8 +67,8 @@ class Sidecar:
         self.telemetry.metrics.watch_access_log(lambda: self.telemetry.access_log.dropped)
         self._plane: DataPlane | None = None
         self._resources = XdsResources()
-        self._servers: dict[Direction, grpc.aio.Server] = {}
-        self._handlers: dict[Direction, ProxyHandler] = {}
+        self._servers: dict[str, grpc.aio.Server] = {}  # by listener name
+        self._handlers: dict[str, ProxyHandler] = {}
         self._admin = AdminServer({"/ready": self._ready, "/config_dump": self._config_dump,
                                    "/clusters": self._clusters, "/metrics": self._metrics})
         self.addresses: dict[str, str] = {}
@@ -86,7 +95,9 @@ class Sidecar:
                                 on_ejection=self._ejected)
         self._resources = resources
         self._applied_at = time.time()
-        self.pool.retain(self._plane.addresses())
+        self.pool.retain(self._plane.channel_keys())
+        if self.identity is not None:
+            self._trust_bundle_from(snapshot)
         self.telemetry.metrics.config_applied(version, self._applied_at)
         for name, runtime in self._plane.clusters.items():
             if runtime.detector is not None:
@@ -95,6 +106,24 @@ class Sidecar:
             self.telemetry.tracing.set_sampling_ratio(snapshot.trace_sampling_percent / 100.0)
         log.info("config version %r active: %d clusters", version, len(snapshot.clusters))
         return snapshot
+
+    def _trust_bundle_from(self, snapshot: Snapshot) -> None:
+        """The roots pushed with the config win over those the last certificate came with: a
+        root rotation reaches us with the next push, before any peer presents a new-root
+        certificate (`meshctl ca rotate --activate-after`)."""
+        assert self.identity is not None
+        roots = snapshot.inbound_tls.trust_bundle or next(
+            (c.tls.trust_bundle for c in snapshot.clusters.values()
+             if c.tls is not None and c.tls.trust_bundle), ())
+        if roots and self.identity.replace_trust_bundle(roots):
+            log.info("trust bundle from config version %r: %d roots", snapshot.version,
+                     len(roots))
+
+    def _identity_changed(self, identity: Identity) -> None:
+        renewed = self.pool.identity_changed()
+        self.telemetry.metrics.certificate(identity.spiffe_id, identity.not_after)
+        log.info("workload identity %s (serial %x) in use; %d upstream channels renewed",
+                 identity.spiffe_id, identity.serial, renewed)
 
     def _initial_resources(self) -> XdsResources:
         s = self.settings
@@ -105,29 +134,54 @@ class Sidecar:
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
+        identity = self.identity
+        if identity is not None:
+            identity.start(self._identity_changed)
+            assert identity.upstream is not None
+            self.pool = ChannelPool(self._limit_options, tls=identity.upstream)
         self.apply("static-1", self._initial_resources())
-        server_options = [("grpc.so_reuseport", 0), *self._limit_options]
-        for direction, address in ((Direction.OUTBOUND, self.settings.outbound),
-                                   (Direction.INBOUND, self.settings.inbound)):
-            server = grpc.aio.server(options=server_options)
-            handler = ProxyHandler(direction, self.settings.service, self.plane, self.shapes,
-                                   self.settings.max_message_bytes, self.telemetry, address)
-            self._handlers[direction] = handler
-            server.add_generic_rpc_handlers((handler,))
-            port = server.add_insecure_port(address)
-            if port == 0:
-                raise OSError(f"cannot listen on {address} ({direction.value})")
-            await server.start()
-            self._servers[direction] = server
-            self.addresses[direction.value] = _with_port(address, port)
-            handler.local_address = self.addresses[direction.value]  # the bound port, not 0
+        s = self.settings
+        listeners: list[tuple[str, Direction, str, grpc.ServerCredentials | None]] = [
+            ("outbound", Direction.OUTBOUND, s.outbound, None)]
+        if identity is None:
+            listeners.append(("inbound", Direction.INBOUND, s.inbound, None))
+        else:
+            assert s.inbound_plaintext is not None
+            listeners += [("inbound", Direction.INBOUND, s.inbound,
+                           identity.server_credentials()),
+                          ("inbound_plaintext", Direction.INBOUND, s.inbound_plaintext, None)]
+        for name, direction, address, credentials in listeners:
+            await self._listen(name, direction, address, credentials)
         self._poller = asyncio.get_running_loop().create_task(self._poll_clusters())
+        if identity is not None:
+            log.info("mTLS on %s, plaintext on %s (taken in mTLS mode PERMISSIVE or DISABLE)",
+                     self.addresses["inbound"], self.addresses["inbound_plaintext"])
         host, port = split_host_port(self.settings.admin)
         admin_port = await self._admin.start(host, port)
         self.addresses["admin"] = _with_port(self.settings.admin, admin_port)
         if self.settings.ready_file:
             write_atomically(self.settings.ready_file, json.dumps(self.addresses))
         log.info("sidecar %r listening: %s", self.settings.service, self.addresses)
+
+    async def _listen(self, name: str, direction: Direction, address: str,
+                      credentials: grpc.ServerCredentials | None) -> None:
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *self._limit_options])
+        handler = ProxyHandler(direction, self.settings.service, self.plane, self.shapes,
+                               self.settings.max_message_bytes, self.telemetry, address,
+                               mtls=credentials is not None,
+                               has_identity=self.identity is not None)
+        self._handlers[name] = handler
+        server.add_generic_rpc_handlers((handler,))
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+        if port == 0:
+            raise OSError(f"cannot listen on {address} ({name})")
+        await server.start()
+        self._servers[name] = server
+        self.addresses[name] = _with_port(address, port)
+        handler.local_address = self.addresses[name]  # the bound port, not 0
 
     async def _poll_clusters(self) -> None:
         """Outlier detection's interval sweeps: ejections expire and failure rates are judged
@@ -146,9 +200,9 @@ class Sidecar:
         # stop(grace) refuses new calls at once but would wait out the whole grace period while
         # any connection is open (an idle client, a port scanner), so we wait for our own calls
         # in flight instead, then close at once.
-        for direction, handler in self._handlers.items():
+        for name, handler in self._handlers.items():
             handler.refuse_new_calls(f"mesh sidecar {self.settings.service!r} "
-                                     f"({direction.value}): draining, not taking new calls")
+                                     f"({name}): draining, not taking new calls")
         # Calls already on the wire when the servers stop are refused by our handler (a clear
         # UNAVAILABLE) rather than dropped by grpc-core as CANCELLED: give them a moment.
         await asyncio.sleep(_REFUSE_WINDOW)
@@ -157,8 +211,8 @@ class Sidecar:
         try:
             await asyncio.wait_for(idle, grace)
         except TimeoutError:
-            for direction, handler in self._handlers.items():
-                handler.cut_off(f"mesh sidecar {self.settings.service!r} ({direction.value}): "
+            for name, handler in self._handlers.items():
+                handler.cut_off(f"mesh sidecar {self.settings.service!r} ({name}): "
                                 f"draining, call cut off after the {grace:g}s drain timeout")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(
@@ -167,6 +221,8 @@ class Sidecar:
         await asyncio.gather(*stopping, return_exceptions=True)
         await self.shapes.close()
         await self.pool.close(0)
+        if self.identity is not None:
+            await self.identity.close()
         # Flush what telemetry is queued, briefly: a dead trace backend must not hold the exit.
         await asyncio.gather(asyncio.to_thread(self.telemetry.tracing.shutdown, 0.5),
                              asyncio.to_thread(self.telemetry.access_log.close, 0.5))
@@ -183,6 +239,10 @@ class Sidecar:
             return Response(503, b"no config yet\n")
         if self.xds is not None and not (self.xds.synced.is_set() or self.xds.source):
             return Response(503, b"waiting for config from the control plane\n")
+        if self.identity is not None:
+            reason = self.identity.not_ready()
+            if reason is not None:
+                return Response(503, f"{reason}\n".encode())
         return Response(200, b"ready\n")
 
     def _ejected(self, cluster: str, newly: int, now: int) -> None:
@@ -206,6 +266,8 @@ class Sidecar:
                        "drain_timeout_s": self.settings.drain_timeout},
             "unary_methods": sorted(self.shapes.unary),
             "control_plane": self.xds.status() if self.xds is not None else None,
+            "identity": self.identity.status() if self.identity is not None else None,
+            "mtls_mode": snapshot.inbound_tls.mode.value,
             "listeners": [_to_json(x) for x in self._resources.listeners],
             "route_configs": [_to_json(x) for x in self._resources.route_configs.values()],
             "clusters": [_to_json(x) for x in self._resources.clusters],

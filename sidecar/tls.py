@@ -145,3 +145,60 @@ class UpstreamTls:
 
     def subscribe(self, listener: Callable[[Identity], None]) -> Callable[[], None]:
         return self._provider.subscribe(listener)
+
+
+# --- before the first certificate -------------------------------------------------------------
+
+
+def placeholder_identity() -> Identity:
+    """A self-signed certificate no one trusts, for the mTLS listener until the CA has issued
+    ours: the listener can bind at start (its port is announced at once), every handshake fails
+    (the peer does not trust this certificate, and no client certificate chains to it), and the
+    first real certificate is served from the next handshake on (CertificateFetcher)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from sidecar.identity import identity_from_pem
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pymesh placeholder")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=3650))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier("spiffe://invalid/placeholder")]),
+                critical=False)
+            .sign(key, hashes.SHA256()))
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return identity_from_pem(key_pem, pem, pem)
+
+
+class _Pending:
+    """An IdentityProvider view that shows the placeholder until the real source has one."""
+
+    def __init__(self, provider: IdentityProvider, placeholder: Identity) -> None:
+        self._provider = provider
+        self._placeholder = placeholder
+
+    @property
+    def version(self) -> int:
+        return self._provider.version
+
+    def current(self) -> Identity | None:
+        return self._provider.current() or self._placeholder
+
+    def subscribe(self, listener: Callable[[Identity], None]) -> Callable[[], None]:
+        return self._provider.subscribe(listener)
+
+
+def server_credentials_from_start(provider: IdentityProvider) -> grpc.ServerCredentials:
+    """As `server_credentials`, usable before `provider` has its first identity."""
+    return server_credentials(_Pending(provider, placeholder_identity()))

@@ -89,6 +89,8 @@ class NodeIdentity:
     version: str = ""
     zone: str = ""
     grpc_services: tuple[str, ...] = ()
+    mtls: bool = False  # inbound_address takes mTLS only (the sidecar has a workload identity)
+    plaintext_address: str = ""  # then: where it takes plaintext (PERMISSIVE), HOST:PORT
 
     def to_node(self) -> base_pb2.Node:
         node = base_pb2.Node(id=f"{self.service}~{self.instance_id}", cluster=self.service,
@@ -100,6 +102,8 @@ class NodeIdentity:
             "inbound_address": self.inbound_address, "version": self.version,
             "zone": self.zone, "grpc_services": list(self.grpc_services), "mesh_sidecar": True,
         })
+        if self.mtls:
+            node.metadata.update({"mtls": True, "plaintext_address": self.plaintext_address})
         return node
 
 

@@ -25,6 +25,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2
 
+from sidecar import xds_tls
+from sidecar.authz import ALLOW_ALL, AuthzConfigError, compile_rbac_filters, rbac_configs
 from sidecar.inbound_policy import InboundPolicyError, rate_limit_of
 from sidecar.model import (
     DEFAULT_MAX_PENDING,
@@ -34,6 +36,7 @@ from sidecar.model import (
     Endpoint,
     HeaderMatch,
     HeaderMatchKind,
+    InboundTls,
     LbPolicy,
     PathMatch,
     RetryBudgetConfig,
@@ -76,6 +79,8 @@ def compile_snapshot(version: str,
     tables: dict[Direction, RouteTable] = {}
     rate_limit = None
     sampling = None
+    inbound_tls = InboundTls()
+    authorizer = ALLOW_ALL
     for listener in listeners:
         direction = _direction(listener)
         if direction in tables:
@@ -86,11 +91,19 @@ def compile_snapshot(version: str,
             if hcm.HasField("tracing") and hcm.tracing.HasField("random_sampling"):
                 sampling = min(100.0, max(0.0, hcm.tracing.random_sampling.value))
         if direction is Direction.INBOUND:
+            service = listener.name.rsplit("|", 1)[-1]
+            hcm = _http_connection_manager(listener)
             try:
-                rate_limit = rate_limit_of(_http_connection_manager(listener),
-                                           listener.name.rsplit("|", 1)[-1])
-            except (InboundPolicyError, ValueError) as exc:
+                rate_limit = rate_limit_of(hcm, service)
+                authorizer = compile_rbac_filters(
+                    rbac_configs(hcm.http_filters), service,
+                    where=f"listener {listener.name!r} rbac")
+            except (InboundPolicyError, AuthzConfigError, ValueError) as exc:
                 raise ConfigError(f"listener {listener.name!r}: {exc}") from None
+            try:
+                inbound_tls = xds_tls.inbound_tls(listener)
+            except xds_tls.TlsConfigError as exc:
+                raise ConfigError(str(exc)) from None
 
     compiled: dict[str, Cluster] = {}
     for cluster in clusters:
@@ -109,7 +122,8 @@ def compile_snapshot(version: str,
                     outbound=tables.get(Direction.OUTBOUND, empty),
                     inbound=tables.get(Direction.INBOUND, empty),
                     clusters=compiled, inbound_rate_limit=rate_limit,
-                    trace_sampling_percent=sampling)
+                    trace_sampling_percent=sampling, inbound_tls=inbound_tls,
+                    authorizer=authorizer)
 
 
 def _direction(listener: listener_pb2.Listener) -> Direction:
@@ -326,7 +340,9 @@ def _cluster(cluster: cluster_pb2.Cluster,
                                   f".lb_endpoints[{ei}]: address and port_value are required")
             host = f"[{sock.address}]" if ":" in sock.address else sock.address
             weight = lb_endpoint.load_balancing_weight.value or 1
-            endpoints.append(Endpoint(f"{host}:{sock.port_value}", weight, zone))
+            mtls, plaintext = xds_tls.endpoint_transport(lb_endpoint, host)
+            endpoints.append(Endpoint(f"{host}:{sock.port_value}", weight, zone, mtls,
+                                      plaintext))
     max_requests, max_pending, budget = DEFAULT_MAX_REQUESTS, DEFAULT_MAX_PENDING, None
     for threshold in cluster.circuit_breakers.thresholds:
         if threshold.priority != base_pb2.DEFAULT:
@@ -344,9 +360,13 @@ def _cluster(cluster: cluster_pb2.Cluster,
                                              if rb.HasField("min_retry_concurrency") else 10))
     outlier = _outlier(cluster.outlier_detection, f"{where}.outlier_detection") \
         if cluster.HasField("outlier_detection") else None
+    try:
+        tls = xds_tls.cluster_tls(cluster)
+    except xds_tls.TlsConfigError as exc:
+        raise ConfigError(str(exc)) from None
     return Cluster(name=cluster.name, endpoints=tuple(endpoints),
                    lb_policy=_SUPPORTED_LB[cluster.lb_policy], max_requests=max_requests,
-                   max_pending=max_pending, outlier=outlier, retry_budget=budget)
+                   max_pending=max_pending, outlier=outlier, retry_budget=budget, tls=tls)
 
 
 def _outlier(od: outlier_detection_pb2.OutlierDetection, where: str) -> OutlierConfig | None:

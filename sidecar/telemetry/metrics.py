@@ -60,11 +60,13 @@ class CallMetrics:
     """The pre-bound series of one (direction, method). Per call: start(), then exactly one
     finish(code, seconds); retried() / rate_limited() as they happen."""
 
-    __slots__ = ("_by_code", "_labels", "_latency", "_rate_limited", "_requests", "_retries",
-                 "in_flight")
+    __slots__ = ("_by_code", "_denied", "_family", "_labels", "_latency", "_rate_limited",
+                 "_requests", "_retries", "in_flight")
 
     def __init__(self, family: SidecarMetrics, labels: tuple[str, str, str]) -> None:
         self._labels = labels
+        self._family = family
+        self._denied: Any = None
         self._requests = family.requests
         # A plain int read at scrape time: calls start and finish on the event loop's thread,
         # and a locked Gauge would double this object's per-call cost.
@@ -95,6 +97,11 @@ class CallMetrics:
 
     def rate_limited(self) -> None:
         self._rate_limited.inc()
+
+    def denied(self) -> None:
+        if self._denied is None:  # bound at first use: most methods are never denied
+            self._denied = self._family.authz_denied.labels(*self._labels)
+        self._denied.inc()
 
 
 class _StateCollector(Collector):
@@ -149,6 +156,14 @@ class SidecarMetrics:
         self.rate_limited = Counter(f"{PREFIX}_rate_limited",
                                     "calls refused by a rate limit (RESOURCE_EXHAUSTED)",
                                     CALL_LABELS, registry=r)
+        self.authz_denied = Counter(f"{PREFIX}_authz_denied",
+                                    "inbound calls refused by authorization or the mTLS mode "
+                                    "(PERMISSION_DENIED, UNAUTHENTICATED)", CALL_LABELS,
+                                    registry=r)
+        self.certificate_expiry = Gauge(f"{PREFIX}_certificate_expiry_timestamp_seconds",
+                                        "when the workload certificate in use expires (unix "
+                                        "time; absent without an identity)", ["spiffe_id"],
+                                        registry=r)
         self.ejections = Counter(f"{PREFIX}_outlier_ejections",
                                  "endpoints ejected by outlier detection", ["cluster"],
                                  registry=r)
@@ -195,6 +210,10 @@ class SidecarMetrics:
         self.ejections.labels(cluster).inc()
         if ejected_now is not None:
             self.ejected.labels(cluster).set(ejected_now)
+
+    def certificate(self, spiffe_id: str, not_after: float) -> None:
+        self.certificate_expiry.clear()
+        self.certificate_expiry.labels(spiffe_id).set(not_after)
 
     def set_ejected(self, cluster: str, count: int) -> None:
         self.ejected.labels(cluster).set(count)
