@@ -59,6 +59,7 @@ from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf.message import Message
 
 from control_plane.policy.schema import (
+    AUTHORIZATION_POLICY,
     AuthorizationRule,
     MeshConfig,
     PolicySet,
@@ -101,7 +102,9 @@ def sidecar_listeners(service: str, policies: PolicySet, trust_bundle: Sequence[
     filters: list[hcm_pb2.HttpFilter] = []
     authz = policies.authorization_for(service)
     if authz is not None:
-        filters.extend(_rbac_filters(authz.rules, mesh))
+        resource = policies.resource_for(AUTHORIZATION_POLICY, service)
+        filters.extend(_rbac_filters(authz.rules, mesh,
+                                     resource.name if resource is not None else service))
     limit = policies.rate_limit_for(service)
     if limit is not None:
         filters.append(_filter(RATE_LIMIT_FILTER, local_rate_limit(service, limit)))
@@ -176,13 +179,16 @@ def _filter(name: str, config: Message) -> hcm_pb2.HttpFilter:
 # --- AuthorizationPolicy ----------------------------------------------------------------------
 
 
-def _rbac_filters(rules: Sequence[AuthorizationRule], mesh: MeshConfig) -> list[hcm_pb2.HttpFilter]:
+def _rbac_filters(rules: Sequence[AuthorizationRule], mesh: MeshConfig, policy_name: str
+                  ) -> list[hcm_pb2.HttpFilter]:
+    """rules_stat_prefix `<policy name>.`: the sidecar's PERMISSION_DENIED message names the
+    AuthorizationPolicy from it."""
     out: list[hcm_pb2.HttpFilter] = []
     for action, filter_name in (("DENY", RBAC_DENY_FILTER), ("ALLOW", RBAC_ALLOW_FILTER)):
         chosen = [(i, r) for i, r in enumerate(rules) if r.action == action]
         if not chosen:
             continue
-        config = rbac_filter_pb2.RBAC()
+        config = rbac_filter_pb2.RBAC(rules_stat_prefix=f"{policy_name}.")
         config.rules.action = getattr(rbac_pb2.RBAC, action)
         for index, rule in chosen:
             _rbac_policy(config.rules.policies[f"rules[{index}]"], rule, mesh)

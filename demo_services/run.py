@@ -39,6 +39,8 @@ from demo_services.supervisor import Child, StartupError, stop_group, wait_ready
 ROOT = Path(__file__).resolve().parent.parent
 CONTROL_PLANE = "control-plane"  # its process name (logs/, ready/, state/)
 SPLIT_POLICY = ROOT / "demo_services" / "policies" / "payments-split.yaml"
+STRICT_POLICY = ROOT / "demo_services" / "policies" / "mtls-strict.yaml"
+AUTHZ_POLICY = ROOT / "demo_services" / "policies" / "payments-authz.yaml"
 
 
 def fetch_clusters(admin: str) -> dict[str, Any]:
@@ -71,6 +73,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--control-plane-arg", action="append", default=[], metavar="ARG",
                    help="extra flag for the control plane (repeatable), e.g. "
                         "--control-plane-arg=--log-level=DEBUG")
+    p.add_argument("--plaintext", action="store_true",
+                   help="run the sidecars without workload identities (no mTLS between them)")
     p.add_argument("--summary-json", help="write the run's totals and processes here at exit")
     p.add_argument("--ready-timeout", type=float, default=60.0,
                    help="seconds each start-up step may take")
@@ -112,6 +116,7 @@ class Demo:
         self.inbound: dict[str, list[str]] = {}  # mesh service -> its sidecars' inbound
         self.control_plane = ""  # its gRPC address (ADS, policy and status APIs)
         self.control_plane_admin = ""
+        self.token_file: Path | None = None
 
     def _ready_path(self, name: str) -> Path:
         return self.workdir / "ready" / f"{name}.json"
@@ -150,6 +155,14 @@ class Demo:
             return None
         self.control_plane = group[0].addresses["grpc"]
         self.control_plane_admin = group[0].addresses["admin"]
+        if not self.args.plaintext:
+            # One bootstrap token for every service of the demo, as an operator would create
+            # with `meshctl token create --service ...`; each sidecar then gets its own
+            # certificate from the control plane's CA and talks mTLS to the others.
+            self.token_file = self._state_path("bootstrap-token")
+            names = [spec.name for spec in self.shop.services] + [topology.CLIENT_SERVICE]
+            token = await create_token(self.control_plane, names)
+            await asyncio.to_thread(_write_secret, self.token_file, token)
 
         app_specs = []
         for spec in self.shop.services:
@@ -197,7 +210,8 @@ class Demo:
             self.sidecar_cmd, service=service, app=app, control_plane=self.control_plane,
             instance_id=instance_id, version=version, grpc_services=grpc_services,
             ready_file=str(self._ready_path(name)), state_dir=str(self._state_path(name)),
-            extra=self.args.sidecar_arg)
+            extra=([*(["--token-file", str(self.token_file)] if self.token_file else []),
+                    *self.args.sidecar_arg]))
 
     async def _wait_converged(self, sidecars: list[Child]) -> bool:
         """Wait until every calling sidecar has endpoints for every instance of the services its
@@ -272,7 +286,32 @@ class Demo:
         lines.append(f"  {meshctl} apply -f {_shown(SPLIT_POLICY)}")
         lines.append(f"  {meshctl} proxy-status")
         lines.append(f"  {meshctl} delete TrafficPolicy payments")
+        if self.token_file is not None:
+            lines.append("mTLS: each sidecar has its own certificate from the control plane's CA "
+                         "(spiffe://pymesh.local/service/NAME; mode PERMISSIVE). Try:")
+            lines.append(f"  {meshctl} apply -f {_shown(STRICT_POLICY)}   # plaintext refused")
+            lines.append(f"  {meshctl} apply -f {_shown(AUTHZ_POLICY)}  # only orders may "
+                         "call payments")
+            lines.append(f"  {meshctl} ca show")
         return "\n".join(lines)
+
+
+async def create_token(control_plane: str, services: Sequence[str]) -> str:
+    import grpc
+    from mesh.v1 import ca_pb2, ca_pb2_grpc  # generated (make protos)
+
+    async with grpc.aio.insecure_channel(control_plane) as channel:
+        response = await ca_pb2_grpc.TokenServiceStub(channel).Create(
+            ca_pb2.CreateTokenRequest(services=list(services), description="make demo"),
+            timeout=10)
+    return str(response.secret)
+
+
+def _write_secret(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
 
 
 def meshctl_command(control_plane: str) -> str:

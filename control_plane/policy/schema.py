@@ -331,6 +331,10 @@ class PolicySet:
         r = self._index.get((kind + "@service", service))
         return r.spec if r is not None else None
 
+    def resource_for(self, kind: str, service: str) -> Resource | None:
+        """The stored resource of `kind` for `service` (its name, for messages that name it)."""
+        return self._index.get((kind + "@service", service))
+
     def traffic_policy_for(self, service: str) -> TrafficPolicy | None:
         spec = self._for(TRAFFIC_POLICY, service)
         return spec if isinstance(spec, TrafficPolicy) else None
