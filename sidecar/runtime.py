@@ -57,7 +57,10 @@ class Sidecar:
             assert settings.control_plane is not None
             self.identity = WorkloadIdentity(settings.service, settings.control_plane,
                                              settings.token, settings.token_file)
-        self.pool = ChannelPool(self._limit_options)
+        # grpc-core's own retry layer stays off on upstream channels: the mesh retries (route
+        # policy); a second layer would only buffer messages for nothing.
+        self._upstream_options = [*self._limit_options, ("grpc.enable_retries", 0)]
+        self.pool = ChannelPool(self._upstream_options)
         self.shapes = MethodShapes(settings.unary_methods, learn=settings.learn_method_shapes)
         self.telemetry = Telemetry(
             SidecarTracing(settings.service, ratio=settings.trace_sampling_percent / 100.0),
@@ -138,7 +141,7 @@ class Sidecar:
         if identity is not None:
             identity.start(self._identity_changed)
             assert identity.upstream is not None
-            self.pool = ChannelPool(self._limit_options, tls=identity.upstream)
+            self.pool = ChannelPool(self._upstream_options, tls=identity.upstream)
         self.apply("static-1", self._initial_resources())
         s = self.settings
         listeners: list[tuple[str, Direction, str, grpc.ServerCredentials | None]] = [
