@@ -114,11 +114,11 @@ class Meshctl:
 
 
 def meshctl(control_plane: str, *args: str, stdin: str | None = None,
-            timeout: float = 30.0) -> Meshctl:
+            timeout: float = 30.0, env: Mapping[str, str] | None = None) -> Meshctl:
     """Run meshctl exactly as a user would (a fresh process), against `control_plane`."""
     done = subprocess.run([sys.executable, "-m", "control_plane.cli", "--control-plane",
                            control_plane, *args], input=stdin, capture_output=True, text=True,
-                          timeout=timeout, env=child_env(), cwd=ROOT)
+                          timeout=timeout, env=child_env(env), cwd=ROOT)
     return Meshctl(done.returncode, done.stdout, done.stderr)
 
 
