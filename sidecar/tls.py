@@ -126,15 +126,22 @@ class UpstreamTls:
         self._provider = provider
         self._lock = threading.Lock()
         self._cached: tuple[Identity, grpc.ChannelCredentials] | None = None
+        self._placeholder: grpc.ChannelCredentials | None = None
 
     @property
     def generation(self) -> int:
         return self._provider.version
 
     def credentials(self) -> grpc.ChannelCredentials:
+        """Before the first certificate: credentials no server trusts, so a channel can be made
+        as soon as the config names an mTLS endpoint (its calls fail UNAVAILABLE until then);
+        the pool renews every mTLS channel when the certificate arrives (a new generation)."""
         identity = self._provider.current()
         if identity is None:
-            raise IdentityError("no certificate yet: cannot open an mTLS channel")
+            with self._lock:
+                if self._placeholder is None:
+                    self._placeholder = channel_credentials(placeholder_identity())
+                return self._placeholder
         with self._lock:
             if self._cached is None or self._cached[0] is not identity:
                 self._cached = (identity, channel_credentials(identity))

@@ -33,6 +33,7 @@ from tests.e2e.cp_fixtures import (
     Load,
     Mesh,
     apply,
+    child_env,
     cluster_endpoints,
     consul,
     meshctl,
@@ -43,7 +44,7 @@ from tests.e2e.cp_fixtures import (
     start_mesh,
     wait_synced,
 )
-from tests.harness import wait_for
+from tests.harness import start_sidecar, wait_for
 from tests.servers import IdentityServer
 
 GRACE = 1.0  # --grace: how long an announced instance outlives its sidecar's stream
@@ -299,3 +300,49 @@ def test_consul_down_keeps_the_last_view_and_recovers(mesh: Mesh, double: Consul
     status = meshctl(mesh.cp.address, "proxy-status")
     rows = proxy_status_rows(status.out)
     assert all(cells[2:6] == ["SYNCED"] * 4 for cells in rows.values()), status
+
+
+def test_mtls_sidecars_on_consul_register_their_ports_and_talk_mtls(
+        mesh: Mesh, double: ConsulDouble) -> None:
+    """Identity on a Consul-backed control plane: the CA state lives in Consul KV, the mTLS
+    instance is registered with its mTLS port and Meta pymesh-mtls / pymesh-plaintext-port, a
+    caller with a certificate reaches it over mTLS (its app sees the caller's identity) and a
+    caller without one reaches its plaintext port (PERMISSIVE, the default)."""
+    created = meshctl(mesh.cp.address, "token", "create", "--service", "billing",
+                      "--service", "reports")
+    assert created.code == 0, created
+    status, keys = consul(double.url, "/v1/kv/pymesh/ca/?keys")
+    assert status == 200 and "pymesh/ca/tokens" in keys and "pymesh/ca/root" in keys, keys
+    env = {"MESH_TOKEN": created.out.strip()}
+    app = IdentityServer("billing-1")
+    mesh.extra.append(app)
+    billing = start_sidecar(service="billing", app=app.address, name="sidecar-billing-1",
+                            env=child_env(env),
+                            extra=["--control-plane", mesh.cp.address, "--instance-id",
+                                   "billing-1", "--grpc-service", "shop.Billing",
+                                   "--state-dir", str(mesh.root / "billing-1"),
+                                   "--no-learn-method-shapes"])
+    mesh.extra.append(billing)
+    reports = start_sidecar(service="reports", name="sidecar-reports-1", env=child_env(env),
+                            extra=["--control-plane", mesh.cp.address, "--instance-id",
+                                   "reports-1", "--state-dir", str(mesh.root / "reports-1"),
+                                   "--no-learn-method-shapes"])
+    mesh.extra.append(reports)
+
+    entry = wait_for(lambda: passing(double, "billing").get("billing-1"), timeout=10,
+                     what="billing-1 registered and passing in Consul")
+    service = entry["Service"]
+    assert f"{service['Address']}:{service['Port']}" == billing.addr("inbound"), service
+    assert service["Meta"]["pymesh-mtls"] == "true", service
+    assert service["Meta"]["pymesh-plaintext-port"] == \
+        billing.addr("inbound_plaintext").rsplit(":", 1)[1], service
+
+    with grpc.insecure_channel(reports.addr("outbound")) as channel:
+        wait_for(lambda: answer(channel, "/shop.Billing/Charge") == "billing-1", timeout=15,
+                 interval=0.1, what="reports -> billing over mTLS")
+    assert app.last_metadata.get("x-forwarded-client-cert") == \
+        "URI=spiffe://pymesh.local/service/reports"
+    with grpc.insecure_channel(mesh.client.addr("outbound")) as channel:  # no certificate
+        wait_for(lambda: answer(channel, "/shop.Billing/Charge") == "billing-1", timeout=15,
+                 interval=0.1, what="frontend (plaintext) -> billing's plaintext port")
+    assert "x-forwarded-client-cert" not in app.last_metadata
