@@ -220,5 +220,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _next_port(address: str) -> str:
     host, port = split_host_port(address)
+    if port == 65535:
+        raise ConfigError("--inbound port 65535 leaves no next port for the plaintext inbound "
+                          "listener: set --inbound-plaintext")
     bracketed = f"[{host}]" if ":" in host else host
     return f"{bracketed}:{port + 1 if port else 0}"

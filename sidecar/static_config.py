@@ -131,4 +131,6 @@ def split_host_port(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not host:
         raise ConfigError(f"{address!r}: expected HOST:PORT")
+    if int(port) > 65535:  # grpc-core would bind the port modulo 65536, a random one for 65536
+        raise ConfigError(f"{address!r}: port must be within 0..65535")
     return host.strip("[]"), int(port)
