@@ -150,9 +150,9 @@ def dial(pool: ChannelPool, endpoint: Endpoint, tls: UpstreamTlsSpec | None) -> 
     """The channel for one endpoint: mTLS when it takes mTLS and we have an identity; its
     plaintext port when it also takes plaintext (PERMISSIVE) and we have none; else plaintext
     at its address (a STRICT endpoint then refuses the handshake: the call fails UNAVAILABLE)."""
-    if endpoint.mtls and tls is not None:
-        if pool.has_identity:
+    if endpoint.mtls:
+        if tls is not None and pool.has_identity:
             return pool.get(endpoint.address, tls.server_name)
-        if endpoint.plaintext_address:
+        if endpoint.plaintext_address:  # also while CDS says no TLS and EDS not yet
             return pool.get(endpoint.plaintext_address)
     return pool.get(endpoint.address)

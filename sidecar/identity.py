@@ -373,6 +373,7 @@ class CertificateSource(_Publisher):
         self.service = service
         self.trust_domain = trust_domain
         self.spiffe_id = spiffe_id(trust_domain, service) if trust_domain else ""
+        self._ask_trust_domain = not trust_domain
         self._signer = signer
         self._schedule = RenewalSchedule(policy or RenewalPolicy(), rng or random.Random())
         self._bundle_interval = bundle_interval
@@ -404,6 +405,9 @@ class CertificateSource(_Publisher):
             raise
         except Exception as err:
             self.last_error = describe_error(err)
+            if (self._ask_trust_domain and isinstance(err, grpc.aio.AioRpcError)
+                    and err.code() is grpc.StatusCode.INVALID_ARGUMENT):
+                self.trust_domain = ""  # MeshConfig's trust domain may have changed: ask again
             not_after = current.not_after if current is not None else None
             self.next_refresh_at = self._schedule.after_failure(now, not_after)
             left = ("no certificate yet" if current is None else

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -22,7 +23,7 @@ from sidecar.config import Settings
 from sidecar.dataplane import DataPlane
 from sidecar.identity import Identity
 from sidecar.method_shapes import MethodShapes
-from sidecar.model import Direction, Snapshot
+from sidecar.model import Direction, InboundTls, MtlsMode, Snapshot
 from sidecar.proxy import ProxyHandler
 from sidecar.static_config import XdsResources, split_host_port
 from sidecar.telemetry.access_log import AccessLog, AccessLogConfig
@@ -90,6 +91,12 @@ class Sidecar:
         snapshot = compile_snapshot(version, resources.listeners, resources.route_configs,
                                     resources.clusters, resources.load_assignments,
                                     require_clusters=not resources.dynamic)
+        if (self.identity is not None and not resources.dynamic
+                and snapshot.inbound_tls.mode is MtlsMode.DISABLE):
+            # A sidecar with an identity fails closed until the control plane says the mode:
+            # its plaintext port refuses calls rather than letting them past unauthenticated.
+            snapshot = dataclasses.replace(snapshot, inbound_tls=InboundTls(
+                MtlsMode.STRICT, snapshot.inbound_tls.trust_bundle))
         old = self._plane
         self._plane = DataPlane(snapshot, self.pool, self.settings.service,
                                 old.clusters if old is not None else None,
