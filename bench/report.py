@@ -11,7 +11,9 @@ from typing import Any
 LABELS = {"direct": "direct", "nginx": "nginx grpc_pass", "sidecar": "one sidecar",
           "sidecar_pair": "sidecar pair", "sidecar_stream": "one sidecar, stream shape",
           "pair_policies": "pair, all policies", "pair_trace1": "pair, tracing 1%",
-          "pair_trace100": "pair, tracing 100%"}
+          "pair_trace100": "pair, tracing 100%",
+          "pair_cp": "pair via control plane, plaintext",
+          "pair_mtls": "pair via control plane, mTLS"}
 
 # The issue's targets, per sidecar (per hop).
 TARGET_CPU_MS_PER_REQ = 0.5
@@ -20,6 +22,9 @@ TARGET_ADDED_P50_MS = 0.6
 TARGET_POLICY_CPU_RATIO = 1.15
 BARE_PAIR = "sidecar_pair"
 PAIR_VARIANTS = ("pair_policies", "pair_trace1", "pair_trace100")
+# Issue 5: the mTLS pair against the same pair in plaintext, both following one control plane.
+PLAINTEXT_PAIR = "pair_cp"
+MTLS_PAIR = "pair_mtls"
 
 Result = dict[str, Any]
 
@@ -150,8 +155,8 @@ def markdown_tables(result: Result) -> str:
 
 def text_table(result: Result) -> str:
     table = _text_table(result)
-    extra = text_overheads(result)
-    return table + ("\n\n" + extra if extra else "")
+    extra = [t for t in (text_overheads(result), text_mtls(result)) if t]
+    return "\n\n".join([table, *extra])
 
 
 def _text_table(result: Result) -> str:
@@ -195,13 +200,15 @@ def _text_table(result: Result) -> str:
 # --- issue 4 (policy chain) and issue 6 (tracing): each variant of the pair vs the bare pair ---
 
 
-def _round_ratios(result: Result, name: str) -> list[float]:
-    """CPU per request of `name` ÷ the bare pair's, round by round (same round, minutes apart)."""
+def _round_ratios(result: Result, name: str, reference: str = BARE_PAIR,
+                  phase: str = "fixed_rate", key: str = "proxy_cpu_ms_per_req") -> list[float]:
+    """`key` of `name` ÷ the reference path's (by default: CPU per request ÷ the bare pair's),
+    round by round (same round, minutes apart)."""
     rounds = result.get("rounds", {})
     out = []
-    for mine, bare in zip(rounds.get(name, []), rounds.get(BARE_PAIR, []), strict=False):
-        a = mine.get("fixed_rate", {}).get("proxy_cpu_ms_per_req")
-        b = bare.get("fixed_rate", {}).get("proxy_cpu_ms_per_req")
+    for mine, ref in zip(rounds.get(name, []), rounds.get(reference, []), strict=False):
+        a = mine.get(phase, {}).get(key)
+        b = ref.get(phase, {}).get(key)
         if isinstance(a, int | float) and isinstance(b, int | float) and b > 0:
             out.append(a / b)
     return out
@@ -314,3 +321,106 @@ def text_overheads(result: Result) -> str:
                      f"pair's: {t['ratio']:.2f}x ({_pct(t['added_pct'])}) -> "
                      f"{'MET' if t['met'] else 'NOT MET'}")
     return "\n".join(lines)
+
+
+# --- issue 5 (mTLS): the mTLS pair vs the plaintext pair, both from the control plane ----------
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def mtls_cost(result: Result) -> dict[str, Any] | None:
+    """What mTLS between the two sidecars costs: the mTLS pair ÷ the plaintext pair (same
+    control plane, same routing, same run), or None unless both ran."""
+    if PLAINTEXT_PAIR not in result["paths"] or MTLS_PAIR not in result["paths"]:
+        return None
+    by: dict[str, dict[str, float | None]] = {}
+    for name in (PLAINTEXT_PAIR, MTLS_PAIR):
+        cpu = _get(result, name, "fixed_rate", "proxy_cpu_ms_per_req")
+        by[name] = {
+            "cpu_ms_per_req": cpu,
+            "cpu_ms_per_req_per_sidecar": None if cpu is None else cpu / 2,
+            "cpu_ms_per_req_a": _get(result, name, "fixed_rate",
+                                     "proxy_cpu_ms_per_req_by_sidecar", "A"),
+            "cpu_ms_per_req_b": _get(result, name, "fixed_rate",
+                                     "proxy_cpu_ms_per_req_by_sidecar", "B"),
+            "unloaded_p50_ms": _get(result, name, "unloaded", "p50_ms"),
+            "unloaded_p99_ms": _get(result, name, "unloaded", "p99_ms"),
+            "p50_at_rate_ms": _get(result, name, "fixed_rate", "p50_ms"),
+            "p99_at_rate_ms": _get(result, name, "fixed_rate", "p99_ms"),
+            "proxy_rss_mib": _get(result, name, "proxy_rss_mib"),
+        }
+    plain, tls = by[PLAINTEXT_PAIR], by[MTLS_PAIR]
+    ratio = _ratio(tls["cpu_ms_per_req"], plain["cpu_ms_per_req"])
+    return {
+        "reference": PLAINTEXT_PAIR, "path": MTLS_PAIR, "by_path": by,
+        "cpu_ratio": ratio,
+        "cpu_added_pct": None if ratio is None else (ratio - 1) * 100,
+        "cpu_ratio_a": _ratio(tls["cpu_ms_per_req_a"], plain["cpu_ms_per_req_a"]),
+        "cpu_ratio_b": _ratio(tls["cpu_ms_per_req_b"], plain["cpu_ms_per_req_b"]),
+        "cpu_added_ms_per_req_per_sidecar": _diff(tls["cpu_ms_per_req_per_sidecar"],
+                                                  plain["cpu_ms_per_req_per_sidecar"]),
+        "unloaded_p50_ratio": _ratio(tls["unloaded_p50_ms"], plain["unloaded_p50_ms"]),
+        "added_unloaded_p50_ms": _diff(tls["unloaded_p50_ms"], plain["unloaded_p50_ms"]),
+        "p50_at_rate_ratio": _ratio(tls["p50_at_rate_ms"], plain["p50_at_rate_ms"]),
+        "added_p50_at_rate_ms": _diff(tls["p50_at_rate_ms"], plain["p50_at_rate_ms"]),
+        "p99_at_rate_ratio": _ratio(tls["p99_at_rate_ms"], plain["p99_at_rate_ms"]),
+        "rss_ratio": _ratio(tls["proxy_rss_mib"], plain["proxy_rss_mib"]),
+        "cpu_ratio_by_round": _round_ratios(result, MTLS_PAIR, PLAINTEXT_PAIR),
+        "unloaded_p50_ratio_by_round": _round_ratios(result, MTLS_PAIR, PLAINTEXT_PAIR,
+                                                     "unloaded", "p50_ms"),
+        # following a control plane should cost nothing per call: the plaintext pair ÷ the
+        # static bare pair, when it ran, shows the two references agree
+        "plaintext_pair_cpu_vs_bare_pair": _ratio(
+            plain["cpu_ms_per_req"], _get(result, BARE_PAIR, "fixed_rate",
+                                          "proxy_cpu_ms_per_req")),
+        "fell_behind": [n for n in (PLAINTEXT_PAIR, MTLS_PAIR) if fell_behind(result, n)],
+    }
+
+
+def markdown_mtls(result: Result) -> str:
+    m = mtls_cost(result)
+    if m is None:
+        return ""
+    rate = result["plan"]["rate"]
+    lines = [
+        f"| path | proxy CPU ms/req at {rate:g} rps, per sidecar (A / B) "
+        "| unloaded p50 / p99 ms "
+        f"| at {rate:g} rps p50 / p99 ms | proxy RSS MiB | gRPC errors |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in m["by_path"].items():
+        lines.append(
+            f"| {LABELS.get(name, name)} | {_fmt(r['cpu_ms_per_req_per_sidecar'], 3)} "
+            f"({_fmt(r['cpu_ms_per_req_a'], 3)} / {_fmt(r['cpu_ms_per_req_b'], 3)}) "
+            f"| {_fmt(r['unloaded_p50_ms'])} / {_fmt(r['unloaded_p99_ms'])} "
+            f"| {_fmt(r['p50_at_rate_ms'])} / {_fmt(r['p99_at_rate_ms'])} "
+            f"| {_fmt(r['proxy_rss_mib'], 1)} | {result['paths'][name].get('grpc_errors', 0)} |")
+    lines.append(
+        f"| **mTLS ÷ plaintext** | **{_fmt_ratio(m['cpu_ratio'])}** "
+        f"({_fmt_ratio(m['cpu_ratio_a'])} / {_fmt_ratio(m['cpu_ratio_b'])}) "
+        f"| **{_fmt_ratio(m['unloaded_p50_ratio'])}** / — "
+        f"| {_fmt_ratio(m['p50_at_rate_ratio'])} / {_fmt_ratio(m['p99_at_rate_ratio'])} "
+        f"| {_fmt_ratio(m['rss_ratio'])} | |")
+    return "\n".join(lines)
+
+
+def text_mtls(result: Result) -> str:
+    m = mtls_cost(result)
+    if m is None:
+        return ""
+    rounds = ", ".join(f"{v:.2f}x" for v in m["cpu_ratio_by_round"])
+    line = (f"mTLS pair ÷ plaintext pair (same control plane, same run): CPU per request "
+            f"{_fmt_ratio(m['cpu_ratio'])} ({_pct(m['cpu_added_pct'])}, "
+            f"{_signed(m['cpu_added_ms_per_req_per_sidecar'])} ms per sidecar; "
+            f"A {_fmt_ratio(m['cpu_ratio_a'])}, B {_fmt_ratio(m['cpu_ratio_b'])}), "
+            f"unloaded p50 {_fmt_ratio(m['unloaded_p50_ratio'])} "
+            f"({_signed(m['added_unloaded_p50_ms'], 2)} ms), "
+            f"p50 at {result['plan']['rate']:g} rps {_fmt_ratio(m['p50_at_rate_ratio'])}")
+    if rounds:
+        line += f"; CPU ratio by round {rounds}"
+    if m["plaintext_pair_cpu_vs_bare_pair"] is not None:
+        line += (f"\n  (plaintext pair ÷ static bare pair, CPU per request: "
+                 f"{_fmt_ratio(m['plaintext_pair_cpu_vs_bare_pair'])})")
+    return line

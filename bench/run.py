@@ -1,13 +1,15 @@
 """`make bench`: what a hop costs, measured on several paths to one upstream in one run.
 
 For each path (direct, nginx grpc_pass, one sidecar, a sidecar pair; then the pair with every
-policy on, and with tracing at 1% and at 100%) and the same load (UnaryCall, 100-byte payload,
+policy on, and with tracing at 1% and at 100%; then a pair following a control plane, plaintext
+and mTLS) and the same load (UnaryCall, 100-byte payload,
 100-byte response, one HTTP/2 connection from the client):
   1. warm-up, closed loop (connections, channels and caches settle; not reported);
   2. unloaded latency: closed loop with one call in flight;
   3. fixed rate (default 500 rps): latency under load, and the proxies' CPU per request;
   4. max throughput: closed loop at a fixed concurrency (not for the pair's variants, which
-     are compared with the bare pair on phases 2 and 3 only).
+     are compared with the bare pair on phases 2 and 3 only, nor for the control-plane pairs,
+     the mTLS one compared with the plaintext one likewise).
 Proxy CPU is utime + stime from /proc over each phase, summed over the path's proxy
 processes (and per sidecar for the pairs); RSS is read after the phases. Sidecars run with
 --trace-sampling 0 except on the tracing paths. Any gRPC error fails the run (exit 1).
@@ -35,7 +37,7 @@ from typing import Any
 
 from bench import docs, loadgen, nginx, procstat, report
 from bench.loadgen import Load
-from bench.paths import FACTORIES, PATHS, Topology
+from bench.paths import FACTORIES, PATHS, Shared, Topology
 from bench.procs import ROOT, start_upstream
 from bench.report import text_table
 
@@ -112,8 +114,9 @@ def measure(topology: Topology, upstream_pid: int, load: Load) -> dict[str, Any]
     return out
 
 
-def bench_path(name: str, upstream: str, upstream_pid: int, plan: Plan) -> dict[str, Any]:
-    with FACTORIES[name](upstream) as topology:
+def bench_path(name: str, upstream: str, upstream_pid: int, plan: Plan, shared: Shared
+               ) -> dict[str, Any]:
+    with FACTORIES[name](upstream, shared) as topology:
         print(f"  {name}: {topology.description}", flush=True)
         warmup = measure(topology, upstream_pid,
                          Load(plan.warmup_s, concurrency=plan.warmup_concurrency))
@@ -138,6 +141,8 @@ def bench_path(name: str, upstream: str, upstream_pid: int, plan: Plan) -> dict[
         "proxy_peak_rss_mib": mem.hwm_kib / 1024 if mem else None,
         "grpc_errors": errors,
     }
+    if "wiring" in topology.after:
+        out["wiring"] = topology.after["wiring"]
     otlp = topology.after.get("otlp")
     if otlp is not None:  # spans the receiver got per call sent (warm-up included)
         calls = warmup["ok"] + warmup["error_count"] + sum(
@@ -190,14 +195,16 @@ def run_benchmark(plan: Plan, names: list[str]) -> dict[str, Any]:
     }
     t0 = time.monotonic()
     upstream = start_upstream()
+    shared = Shared()
     try:
         rounds: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
         for i in range(plan.rounds):
             print(f"round {i + 1}/{plan.rounds}", flush=True)
             for name in names:
                 rounds[name].append(bench_path(name, upstream.ports["server"], upstream.pid,
-                                               plan))
+                                               plan, shared))
     finally:
+        shared.close()
         upstream.stop()
     result["paths"] = {n: _median_of(r) if len(r) > 1 else r[0] for n, r in rounds.items()}
     if plan.rounds > 1:
@@ -206,6 +213,9 @@ def run_benchmark(plan: Plan, names: list[str]) -> dict[str, Any]:
     if len(overheads) > 1:  # the bare pair and at least one variant
         result["vs_bare_pair"] = overheads
         result["policy_target"] = report.policy_target(result)
+    mtls = report.mtls_cost(result)
+    if mtls is not None:
+        result["mtls_vs_plaintext_pair"] = mtls
     with open("/proc/loadavg") as f:
         result["host"]["loadavg_after"] = " ".join(f.read().split()[:3])
     result["duration_s"] = round(time.monotonic() - t0, 1)
@@ -254,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, max_concurrency=args.concurrency)
     if args.rounds:
         plan = replace(plan, rounds=args.rounds)
-    names = [n.strip() for n in args.paths.split(",") if n.strip()]
+    names = [n.strip().replace("-", "_") for n in args.paths.split(",") if n.strip()]
     unknown = [n for n in names if n not in FACTORIES]
     if unknown:
         print(f"unknown path(s): {', '.join(unknown)}", file=sys.stderr)

@@ -2,7 +2,8 @@
 
 Uses the shortest phases, so the figures mean nothing; what is checked is that `make bench`
 would produce a complete result (every path measured, every call OK, the pair's variants
-compared with the bare pair, spans received when tracing is at 100%, chart written).
+compared with the bare pair, spans received when tracing is at 100%, the mTLS pair compared with
+the plaintext pair that follows the same control plane, chart written).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from pathlib import Path
 from tests.harness import ROOT
 
 PATHS = ("direct", "nginx", "sidecar", "sidecar_pair", "pair_policies", "pair_trace1",
-         "pair_trace100")
+         "pair_trace100", "pair_cp", "pair_mtls")
 VARIANTS = ("pair_policies", "pair_trace1", "pair_trace100")  # compared with sidecar_pair
+CP_PAIRS = ("pair_cp", "pair_mtls")  # following a control plane; mTLS compared with plaintext
+PAIRS = ("sidecar_pair", *VARIANTS, *CP_PAIRS)
 PHASES = ("unloaded", "fixed_rate", "max_throughput")
 
 
@@ -42,7 +45,7 @@ def test_bench_quick_run_measures_every_path(tmp_path: Path) -> None:
     assert list(result["paths"]) == list(PATHS)
     for name, path in result["paths"].items():
         assert path["grpc_errors"] == 0, (name, path)
-        phases = PHASES[:2] if name in VARIANTS else PHASES
+        phases = PHASES[:2] if name in VARIANTS or name in CP_PAIRS else PHASES
         assert [p for p in PHASES if p in path] == list(phases), (name, path)
         for phase in phases:
             measured = path[phase]
@@ -53,7 +56,7 @@ def test_bench_quick_run_measures_every_path(tmp_path: Path) -> None:
         else:
             assert path["fixed_rate"]["proxy_cpu_ms_per_req"] > 0, (name, path)
             assert path["proxy_rss_mib"] > 0, (name, path)
-        if name == "sidecar_pair" or name in VARIANTS:
+        if name in PAIRS:
             by_sidecar = path["fixed_rate"]["proxy_cpu_ms_per_req_by_sidecar"]
             assert set(by_sidecar) == {"A", "B"} and min(by_sidecar.values()) > 0, (name, path)
 
@@ -70,3 +73,17 @@ def test_bench_quick_run_measures_every_path(tmp_path: Path) -> None:
     assert Path(result["chart"]).stat().st_size > 0
     assert "sidecar_pair" in stdout and "target" in stdout
     assert "target (issue 4) policy chain" in stdout
+
+    # the mTLS pair's hop was mTLS, the other's plaintext (as the sidecars' config said before
+    # measuring), and the mTLS pair is compared with the plaintext one
+    tls, plain = result["paths"]["pair_mtls"]["wiring"], result["paths"]["pair_cp"]["wiring"]
+    assert tls["endpoint_mtls"] and not plain["endpoint_mtls"], (tls, plain)
+    assert tls["b_inbound_refuses_plaintext"] and not plain["b_inbound_refuses_plaintext"]
+    assert tls["spiffe_id_a"].endswith("/service/bench-mesh-a"), tls
+    assert tls["spiffe_id_b"].endswith("/service/bench-mesh-b"), tls
+    assert plain["spiffe_id_a"] is None and plain["spiffe_id_b"] is None, plain
+    mtls = result["mtls_vs_plaintext_pair"]
+    assert (mtls["reference"], mtls["path"]) == ("pair_cp", "pair_mtls")
+    assert mtls["cpu_ratio"] > 0 and mtls["unloaded_p50_ratio"] > 0, mtls
+    assert mtls["cpu_ratio_a"] > 0 and mtls["cpu_ratio_b"] > 0, mtls
+    assert "mTLS pair ÷ plaintext pair" in stdout
