@@ -111,3 +111,20 @@ class TestCA:
         return self.certificate(public_key, uris=[uri],
                                 dns=[dns_name(self.trust_domain, service)],
                                 not_before=now - 60, not_after=now + ttl).decode()
+
+
+class LoadedCA(TestCA):
+    """A TestCA around an existing root and its key, e.g. the mesh CA's own root read from the
+    control plane's state: it mints what the mesh CA never would (an expired certificate, a
+    name no token allows) under the root every sidecar trusts, so a refusal can only come
+    from the check under test, not from an unknown issuer."""
+
+    def __init__(self, cert_pem: bytes, key_pem: bytes, trust_domain: str = TRUST_DOMAIN) -> None:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise TypeError(f"LoadedCA needs an EC root key, got {type(key).__name__}")
+        self.trust_domain = trust_domain
+        self.key = key
+        self.cert = x509.load_pem_x509_certificate(cert_pem)
+        self.name = self.cert.subject
+        self.pem = self.cert.public_bytes(serialization.Encoding.PEM)
