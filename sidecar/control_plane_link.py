@@ -61,7 +61,9 @@ async def follow_control_plane(sidecar: Sidecar, settings: Settings) -> XdsClien
         local.clusters.append(static_config.static_cluster(static_config.INBOUND_APP_CLUSTER,
                                                            []))
     client = XdsClient(settings.control_plane, identity.to_node(), sidecar.apply,
-                       state_dir=state_dir, local=local)
+                       state_dir=state_dir, local=local,
+                       before_connect=(sidecar.identity.first_certificate
+                                       if sidecar.identity is not None else None))
     sidecar.xds = client
     await client.start()
     return client

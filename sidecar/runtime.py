@@ -247,12 +247,12 @@ class Sidecar:
             return Response(503, b"draining\n")
         if self._plane is None:
             return Response(503, b"no config yet\n")
-        if self.xds is not None and not (self.xds.synced.is_set() or self.xds.source):
-            return Response(503, b"waiting for config from the control plane\n")
-        if self.identity is not None:
+        if self.identity is not None:  # first: the stream waits for the certificate
             reason = self.identity.not_ready()
             if reason is not None:
                 return Response(503, f"{reason}\n".encode())
+        if self.xds is not None and not (self.xds.synced.is_set() or self.xds.source):
+            return Response(503, b"waiting for config from the control plane\n")
         return Response(200, b"ready\n")
 
     def _ejected(self, cluster: str, newly: int, now: int) -> None:

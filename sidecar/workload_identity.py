@@ -9,13 +9,22 @@ bootstrap token says which service names this sidecar may claim (docs/identity.m
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 
-from sidecar.identity import CertificateSource, GrpcSigner, Identity, read_token
+from sidecar.identity import (
+    CertificateSource,
+    GrpcSigner,
+    Identity,
+    IdentityError,
+    read_token,
+)
 from sidecar.tls import UpstreamTls, server_credentials_from_start
+
+log = logging.getLogger(__name__)
 
 
 class WorkloadIdentity:
@@ -37,6 +46,16 @@ class WorkloadIdentity:
         self.source.subscribe(on_change)
         self.upstream = UpstreamTls(self.source, "")
         self.source.start()
+
+    async def first_certificate(self) -> None:
+        """Returns once the CA has issued the first certificate (waits as long as it takes)."""
+        assert self.source is not None
+        if self.source.current() is None:
+            log.info("%s: not announcing this instance until the CA issues its certificate",
+                     self._service)
+        while self.source.current() is None:
+            with contextlib.suppress(IdentityError):
+                await self.source.wait_ready(3600.0)
 
     def server_credentials(self) -> grpc.ServerCredentials:
         assert self.source is not None

@@ -33,7 +33,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -502,10 +502,14 @@ class XdsClient:
                  backoff: Backoff | None = None,
                  sleep: Callable[[float], Any] = asyncio.sleep,
                  clock: Callable[[], float] = time.time, missing_timeout: float = 15.0,
-                 channel_options: Sequence[tuple[str, Any]] = ()) -> None:
+                 channel_options: Sequence[tuple[str, Any]] = (),
+                 before_connect: Callable[[], Awaitable[Any]] | None = None) -> None:
         """control_plane: HOST:PORT of the ADS server. apply(version, resources) swaps a
         complete config in, raising ConfigError to reject it. local: the sidecar's own
-        resources (its inbound|app cluster) added to every set the control plane sends."""
+        resources (its inbound|app cluster) added to every set the control plane sends.
+        before_connect: awaited before the first stream opens (the stream announces the
+        instance: a sidecar with a token waits for its certificate, so no caller is sent to
+        an instance that cannot complete a handshake)."""
         self.target = control_plane
         self.core = ClientCore(node, local)
         self._apply = apply
@@ -517,6 +521,7 @@ class XdsClient:
         self._channel_options = list(channel_options) or [
             ("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000)]
         self._task: asyncio.Task[None] | None = None
+        self._before_connect = before_connect
         self._timer: asyncio.TimerHandle | None = None
         self._pending_doc: dict[str, Any] | None = None
         self._persist_task: asyncio.Task[None] | None = None
@@ -565,8 +570,13 @@ class XdsClient:
             except ConfigError as exc:
                 log.warning("persisted xDS snapshot rejected: %s", exc)
                 self.core.mark_applied("", "")
-        self._task = asyncio.create_task(self.run(), name="xds-client")
+        self._task = asyncio.create_task(self._connect_when_ready(), name="xds-client")
         return used
+
+    async def _connect_when_ready(self) -> None:
+        if self._before_connect is not None:
+            await self._before_connect()
+        await self.run()
 
     async def stop(self) -> None:
         if self._timer is not None:
