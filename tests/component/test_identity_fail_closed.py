@@ -18,7 +18,8 @@ def test_a_sidecar_with_a_token_and_no_control_plane_lets_nothing_through(
     app = IdentityServer("orders-1")
     sidecar = start_sidecar(service="orders", app=app.address,
                             extra=["--control-plane", "127.0.0.1:1", "--state-dir",
-                                   str(tmp_path), "--no-learn-method-shapes"],
+                                   str(tmp_path), "--no-learn-method-shapes",
+                                   "--grpc-service", "shop.Orders"],
                             env={"MESH_TOKEN": "pmt_not-checked-yet"})
     try:
         with pytest.raises(grpc.RpcError) as plaintext:
