@@ -60,6 +60,7 @@ from control_plane.translate_tls import (
     EndpointPlan,
     endpoint_metadata,
     endpoint_plan,
+    in_mesh_mode,
     proxyless_transport_socket,
     sidecar_socket_matches,
 )
@@ -198,12 +199,15 @@ def build_load_assignment(name: str, instances: Iterable[Instance], mode: str = 
     gRPC's weighted locality picking, and gRPC drops localities that have no weight at all.
     An address seen twice (two registrations of one sidecar) is kept once: gRPC rejects an
     EDS resource with duplicate addresses. The port (and metadata) of an mtls instance depend
-    on the mesh mode and the node variant (translate_tls.endpoint_plan).
+    on the mesh mode and the node variant (translate_tls.endpoint_plan); in STRICT, instances
+    announced by sidecars without mTLS are left out (translate_tls.in_mesh_mode).
     """
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
     by_zone: dict[str, list[tuple[Instance, EndpointPlan]]] = {}
     seen: set[tuple[str, int]] = set()
     for inst in sorted(instances, key=lambda i: (i.instance_id, i.address, i.port)):
+        if not in_mesh_mode(inst, mode):
+            continue
         plan = endpoint_plan(inst, mode, variant)
         key = (inst.address, plan.port)
         if not inst.healthy or not inst.address or not 0 < plan.port < 65536 or key in seen:

@@ -91,6 +91,15 @@ class EndpointPlan:
     plaintext_port: int = 0  # > 0: also say where its plaintext port is
 
 
+def in_mesh_mode(inst: Instance, mode: str) -> bool:
+    """Whether callers are sent to `inst` at all. In STRICT an instance announced by a sidecar
+    without mTLS is left out of EDS: a real one refuses every inbound call in STRICT anyway, and
+    anyone can announce an instance over ADS, so dialling it in plaintext would hand requests to
+    a server no one verified. Instances reached directly (registered without a sidecar, e.g. in
+    Consul) are outside the mesh's mTLS and stay."""
+    return not (mode == STRICT and inst.sidecar and not inst.mtls)
+
+
 def endpoint_plan(inst: Instance, mode: str, variant: str) -> EndpointPlan:
     """An instance without a known plaintext port is left at its mTLS port where plaintext is
     wanted: there is nothing better to dial, and the failure then names the handshake."""

@@ -116,7 +116,7 @@ class Demo:
         self.inbound: dict[str, list[str]] = {}  # mesh service -> its sidecars' inbound
         self.control_plane = ""  # its gRPC address (ADS, policy and status APIs)
         self.control_plane_admin = ""
-        self.token_file: Path | None = None
+        self.token_files: dict[str, Path] = {}  # mesh service -> its bootstrap token file
 
     def _ready_path(self, name: str) -> Path:
         return self.workdir / "ready" / f"{name}.json"
@@ -156,13 +156,15 @@ class Demo:
         self.control_plane = group[0].addresses["grpc"]
         self.control_plane_admin = group[0].addresses["admin"]
         if not self.args.plaintext:
-            # One bootstrap token for every service of the demo, as an operator would create
-            # with `meshctl token create --service ...`; each sidecar then gets its own
-            # certificate from the control plane's CA and talks mTLS to the others.
-            self.token_file = self._state_path("bootstrap-token")
+            # One bootstrap token per service, as an operator would create with `meshctl token
+            # create --service NAME`: a sidecar can claim only its own service. Each sidecar
+            # then gets its own certificate from the control plane's CA and talks mTLS.
             names = [spec.name for spec in self.shop.services] + [topology.CLIENT_SERVICE]
-            token = await create_token(self.control_plane, names)
-            await asyncio.to_thread(_write_secret, self.token_file, token)
+            for name in names:
+                path = self._state_path(f"token-{name}")
+                token = await create_token(self.control_plane, [name])
+                await asyncio.to_thread(_write_secret, path, token)
+                self.token_files[name] = path
 
         app_specs = []
         for spec in self.shop.services:
@@ -210,7 +212,8 @@ class Demo:
             self.sidecar_cmd, service=service, app=app, control_plane=self.control_plane,
             instance_id=instance_id, version=version, grpc_services=grpc_services,
             ready_file=str(self._ready_path(name)), state_dir=str(self._state_path(name)),
-            extra=([*(["--token-file", str(self.token_file)] if self.token_file else []),
+            extra=([*(["--token-file", str(self.token_files[service])]
+                      if service in self.token_files else []),
                     *self.args.sidecar_arg]))
 
     async def _wait_converged(self, sidecars: list[Child]) -> bool:
@@ -286,7 +289,7 @@ class Demo:
         lines.append(f"  {meshctl} apply -f {_shown(SPLIT_POLICY)}")
         lines.append(f"  {meshctl} proxy-status")
         lines.append(f"  {meshctl} delete TrafficPolicy payments")
-        if self.token_file is not None:
+        if self.token_files:
             lines.append("mTLS: each sidecar has its own certificate from the control plane's CA "
                          "(spiffe://pymesh.local/service/NAME; mode PERMISSIVE). Try:")
             lines.append(f"  {meshctl} apply -f {_shown(STRICT_POLICY)}   # plaintext refused")
@@ -310,6 +313,7 @@ async def create_token(control_plane: str, services: Sequence[str]) -> str:
 def _write_secret(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # also when the file was there before with wider permissions
     with os.fdopen(fd, "w") as f:
         f.write(text + "\n")
 

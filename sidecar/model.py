@@ -77,6 +77,11 @@ class InboundTls:
 
     mode: MtlsMode = MtlsMode.DISABLE
     trust_bundle: tuple[bytes, ...] = ()
+    # The chains name their transport protocol (what the control plane sends). A listener that
+    # does not (flags, a static file, a snapshot saved before mTLS) says nothing about mTLS: a
+    # sidecar with an identity then assumes STRICT (fails closed).
+    explicit: bool = False
+    assumed: bool = False  # STRICT assumed for that reason (the refusal says so)
 
     @property
     def plaintext_allowed(self) -> bool:

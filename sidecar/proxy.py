@@ -61,6 +61,10 @@ class ProxyHandler(grpc.GenericRpcHandler):
         self._inbound = direction is Direction.INBOUND
         self._mtls = mtls
         self._callers: dict[str, str | None] = {}  # SPIFFE ID -> mesh service
+        self._assumed_refusal = (
+            f"mesh sidecar {sidecar_name!r} (inbound): plaintext refused: the control plane has "
+            "not told this sidecar the mesh's mTLS mode yet, and a sidecar with a workload "
+            "identity fails closed until it does")
         if has_identity:
             self._plaintext_refusal = (
                 f"mesh sidecar {sidecar_name!r} (inbound): plaintext refused, the mesh's mTLS "
@@ -205,7 +209,9 @@ class ProxyHandler(grpc.GenericRpcHandler):
             caller = peer_identity(context)
         elif not snapshot.inbound_tls.plaintext_allowed:
             record.metrics.denied()
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, self._plaintext_refusal)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                self._assumed_refusal if snapshot.inbound_tls.assumed
+                                else self._plaintext_refusal)
         authorizer = snapshot.authorizer
         if authorizer.deny or authorizer.allow is not None:
             decision = authorizer.check(caller, method)
@@ -477,12 +483,12 @@ class ProxyHandler(grpc.GenericRpcHandler):
     async def _forward_unary(self, method: str, request: bytes,
                              context: grpc.aio.ServicerContext,
                              record: CallRecord) -> bytes | None:
-        if len(request) > self._max_bytes:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                self._too_large("request", len(request)))
         metadata = context.invocation_metadata()
         plane = self._plane()
         caller = await self._admit(plane, method, context, record) if self._inbound else None
+        if len(request) > self._max_bytes:  # after admission: a stranger learns nothing
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                self._too_large("request", len(request)))
         target = plane.resolve(self._direction, method, metadata)
         if isinstance(target, Refusal):
             await context.abort(target.code, target.message)  # raises

@@ -54,6 +54,7 @@ class Sidecar:
         # With a bootstrap token: a workload certificate from the mesh CA, mTLS on --inbound
         # and to every upstream that takes it (docs/identity.md).
         self.identity: WorkloadIdentity | None = None
+        self._config_roots: tuple[bytes, ...] = ()  # the trust bundle the config delivered
         if settings.wants_identity:
             assert settings.control_plane is not None
             self.identity = WorkloadIdentity(settings.service, settings.control_plane,
@@ -91,12 +92,12 @@ class Sidecar:
         snapshot = compile_snapshot(version, resources.listeners, resources.route_configs,
                                     resources.clusters, resources.load_assignments,
                                     require_clusters=not resources.dynamic)
-        if (self.identity is not None and not resources.dynamic
-                and snapshot.inbound_tls.mode is MtlsMode.DISABLE):
-            # A sidecar with an identity fails closed until the control plane says the mode:
-            # its plaintext port refuses calls rather than letting them past unauthenticated.
+        if self.identity is not None and not snapshot.inbound_tls.explicit:
+            # A sidecar with an identity fails closed until a config says the mode (flags, a
+            # static file or an old saved snapshot do not): its plaintext port refuses calls
+            # rather than letting them past unauthenticated.
             snapshot = dataclasses.replace(snapshot, inbound_tls=InboundTls(
-                MtlsMode.STRICT, snapshot.inbound_tls.trust_bundle))
+                MtlsMode.STRICT, snapshot.inbound_tls.trust_bundle, assumed=True))
         old = self._plane
         self._plane = DataPlane(snapshot, self.pool, self.settings.service,
                                 old.clusters if old is not None else None,
@@ -125,11 +126,16 @@ class Sidecar:
         roots = snapshot.inbound_tls.trust_bundle or next(
             (c.tls.trust_bundle for c in snapshot.clusters.values()
              if c.tls is not None and c.tls.trust_bundle), ())
+        self._config_roots = roots or self._config_roots
         if roots and self.identity.replace_trust_bundle(roots):
             log.info("trust bundle from config version %r: %d roots", snapshot.version,
                      len(roots))
 
     def _identity_changed(self, identity: Identity) -> None:
+        roots = self._config_roots
+        if roots and self.identity is not None and self.identity.replace_trust_bundle(roots):
+            return  # the roots of the config win over a Sign answer's (it may predate a
+            # rotation); replacing them published again, and that call did the rest
         renewed = self.pool.identity_changed()
         self.telemetry.metrics.certificate(identity.spiffe_id, identity.not_after)
         log.info("workload identity %s (serial %x) in use; %d upstream channels renewed",

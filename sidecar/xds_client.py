@@ -567,7 +567,7 @@ class XdsClient:
                 self.source = "persisted"
                 used = True
                 log.info("started from persisted xDS snapshot %s", version)
-            except ConfigError as exc:
+            except Exception as exc:  # a bad file must not stop the sidecar from starting
                 log.warning("persisted xDS snapshot rejected: %s", exc)
                 self.core.mark_applied("", "")
         self._task = asyncio.create_task(self._connect_when_ready(), name="xds-client")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from cryptography import x509
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2
 from envoy.config.listener.v3 import listener_pb2
@@ -40,11 +41,12 @@ class TlsConfigError(ValueError):
 
 def inbound_tls(listener: listener_pb2.Listener) -> InboundTls:
     where = f"listener {listener.name!r}"
-    tls = plaintext = False
+    tls = plaintext = explicit = False
     bundle: tuple[bytes, ...] = ()
     for i, chain in enumerate(listener.filter_chains):
         at = f"{where}.filter_chains[{i}]"
         protocol = chain.filter_chain_match.transport_protocol
+        explicit = explicit or bool(protocol)
         socket = chain.transport_socket.name if chain.HasField("transport_socket") else ""
         if protocol == "tls" or socket == TLS_SOCKET:
             if socket != TLS_SOCKET:
@@ -69,7 +71,7 @@ def inbound_tls(listener: listener_pb2.Listener) -> InboundTls:
         mode = MtlsMode.STRICT
     else:
         mode = MtlsMode.DISABLE
-    return InboundTls(mode, bundle)
+    return InboundTls(mode, bundle, explicit=explicit)
 
 
 def cluster_tls(cluster: cluster_pb2.Cluster) -> UpstreamTlsSpec | None:
@@ -127,7 +129,8 @@ def _roots(common: tls_pb2.CommonTlsContext, where: str) -> tuple[bytes, ...]:
 
 
 def split_bundle(pem: bytes, where: str = "trust bundle") -> tuple[bytes, ...]:
-    """One PEM block per root, in order."""
+    """One PEM block per root, in order; each must parse as an X.509 certificate (roots that
+    are not would make every handshake fail: NACK them instead)."""
     out: list[bytes] = []
     marker = b"-----END CERTIFICATE-----"
     rest = pem
@@ -136,7 +139,12 @@ def split_bundle(pem: bytes, where: str = "trust bundle") -> tuple[bytes, ...]:
         start = block.find(b"-----BEGIN CERTIFICATE-----")
         if start < 0:
             raise TlsConfigError(f"{where}: malformed PEM")
-        out.append(block[start:] + marker + b"\n")
+        root = block[start:] + marker + b"\n"
+        try:
+            x509.load_pem_x509_certificate(root)
+        except ValueError as err:
+            raise TlsConfigError(f"{where}[{len(out)}]: not a certificate: {err}") from None
+        out.append(root)
     if rest.strip():
         raise TlsConfigError(f"{where}: trailing data after the last certificate")
     return tuple(out)

@@ -164,6 +164,12 @@ def _http_connection_manager(listener: listener_pb2.Listener) -> hcm_pb2.HttpCon
         candidates = [listener.api_listener.api_listener]
     else:
         candidates = [f.typed_config for chain in listener.filter_chains for f in chain.filters]
+        managers = {a.value for a in candidates if a.type_url == HCM_TYPE_URL}
+        if len(managers) > 1:
+            # One set of routes, RBAC and rate limits per listener: chains that differ would
+            # be enforced for one transport and not the other, so refuse rather than guess.
+            raise ConfigError(f"listener {listener.name!r}: its filter chains carry different "
+                              "http_connection_manager configs; the sidecar needs one")
     for any_msg in candidates:
         if any_msg.type_url == HCM_TYPE_URL:
             hcm = hcm_pb2.HttpConnectionManager()

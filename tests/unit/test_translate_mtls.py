@@ -41,12 +41,14 @@ from control_plane.translate import (
 )
 from sidecar.static_config import static_cluster
 from sidecar.xds_translate import compile_snapshot
+from tests.pki import TestCA
 from tests.unit.test_translate_support import all_types as _all_types
 from tests.unit.test_translate_support import hcm_of, policies
 
 TD = "shop.example"
-ROOT_A = "-----BEGIN CERTIFICATE-----\nQUFB\n-----END CERTIFICATE-----\n"
-ROOT_B = "-----BEGIN CERTIFICATE-----\nQkJC\n-----END CERTIFICATE-----"  # no final newline
+# real roots: the sidecar's compiler parses them (a bundle of non-certificates is NACKed)
+ROOT_A = TestCA("root a").pem.decode()
+ROOT_B = TestCA("root b").pem.decode().rstrip("\n")  # no final newline
 BUNDLE = (ROOT_A, ROOT_B)
 BUNDLE_BYTES = (ROOT_A + ROOT_B + "\n").encode()
 MODES = ("STRICT", "PERMISSIVE", "DISABLE")
@@ -101,15 +103,14 @@ PLAIN_7002 = {"pymesh": {"plaintext_port": 7002}}
 
 
 EXPECTED_EDS = {
-    # (mode, variant-class) -> {instance: (port, metadata)}
-    ("STRICT", "mtls-aware"): {"orders-1": (7001, TLS), "orders-2": (7011, {}),
-                               "orders-3": (7021, TLS)},
+    # (mode, variant-class) -> {instance: (port, metadata)}; in STRICT orders-2, announced by a
+    # sidecar without mTLS, is left out: it would refuse every call, and it is unverified
+    ("STRICT", "mtls-aware"): {"orders-1": (7001, TLS), "orders-3": (7021, TLS)},
     ("PERMISSIVE", "mtls-aware"): {"orders-1": (7001, TLS | PLAIN_7002), "orders-2": (7011, {}),
                                    "orders-3": (7021, TLS)},
     ("DISABLE", "mtls-aware"): {"orders-1": (7002, {}), "orders-2": (7011, {}),
                                 "orders-3": (7021, {})},
-    ("STRICT", "proxyless"): {"orders-1": (7001, {}), "orders-2": (7011, {}),
-                              "orders-3": (7021, {})},
+    ("STRICT", "proxyless"): {"orders-1": (7001, {}), "orders-3": (7021, {})},
     ("PERMISSIVE", "proxyless"): {"orders-1": (7002, {}), "orders-2": (7011, {}),
                                   "orders-3": (7021, {})},
     ("DISABLE", "proxyless"): {"orders-1": (7002, {}), "orders-2": (7011, {}),
@@ -125,7 +126,15 @@ def test_eds_port_and_metadata_by_mode_and_variant(mode: str, variant: str) -> N
     assert endpoints(res["orders"]) == expected
     assert endpoints(res["orders|v1"]) == {k: v for k, v in expected.items() if k != "orders-3"}
     assert endpoints(res["orders|v2"]) == {"orders-3": expected["orders-3"]}
-    assert endpoints(res["cart"]) == {"cart-1": (7101, {})}
+    # cart-1: a sidecar without mTLS, left out in STRICT
+    assert endpoints(res["cart"]) == ({} if mode == "STRICT" else {"cart-1": (7101, {})})
+
+
+def test_strict_keeps_instances_reached_without_a_sidecar() -> None:
+    direct = RegistryView((Instance("cart", "cart-9", "10.0.0.9", 7109, sidecar=False),))
+    for variant in VARIANTS.values():
+        cla = all_types(direct, mesh("STRICT"), variant)[ENDPOINT_TYPE]["cart"]
+        assert endpoints(cla) == {"cart-9": (7109, {})}
 
 
 def test_the_plaintext_port_in_metadata_is_a_number() -> None:

@@ -143,7 +143,7 @@ def test_the_bundle_may_come_as_an_inline_string() -> None:
 
 def test_a_tls_chain_without_a_validation_context_has_no_roots() -> None:
     got = inbound_tls(listener(chain("tls", downstream_socket(bundle=b""))))
-    assert got == InboundTls(MtlsMode.STRICT, ())
+    assert got == InboundTls(MtlsMode.STRICT, (), explicit=True)
 
 
 def _refused(chains: list[listener_components_pb2.FilterChain]) -> str:
@@ -379,8 +379,8 @@ def _endpoints(snap: Snapshot, name: str) -> dict[str, Endpoint]:
 ORDERS_TLS = UpstreamTlsSpec(f"orders.svc.{TD}", ORDERS_ID, ROOTS)
 CART_TLS = UpstreamTlsSpec(f"cart.svc.{TD}", f"spiffe://{TD}/service/cart", ROOTS)
 EXPECTED = {
+    # STRICT leaves out orders-2 (a sidecar without mTLS: unverified, and it would refuse)
     "STRICT": {"10.0.0.1": Endpoint("10.0.0.1:7001", mtls=True),
-               "10.0.0.2": Endpoint("10.0.0.2:7011"),
                "10.0.0.3": Endpoint("10.0.0.3:7021", mtls=True)},
     "PERMISSIVE": {"10.0.0.1": Endpoint("10.0.0.1:7001", mtls=True,
                                         plaintext_address="10.0.0.1:7002"),
@@ -399,13 +399,14 @@ def test_the_sidecar_model_of_the_control_planes_translation(mode: str) -> None:
     assert _endpoints(snap, "orders") == expected
     assert _endpoints(snap, "orders|v1") == {k: v for k, v in expected.items() if k != "10.0.0.3"}
     assert _endpoints(snap, "orders|v2") == {"10.0.0.3": expected["10.0.0.3"]}
-    assert _endpoints(snap, "cart") == {"10.0.0.4": Endpoint("10.0.0.4:7101")}
+    assert _endpoints(snap, "cart") == (
+        {} if mode == "STRICT" else {"10.0.0.4": Endpoint("10.0.0.4:7101")})
     tls = mode != "DISABLE"
     # subset clusters check the service's identity, not the cluster name
     for name in ("orders", "orders|v1", "orders|v2"):
         assert snap.clusters[name].tls == (ORDERS_TLS if tls else None), name
     assert snap.clusters["cart"].tls == (CART_TLS if tls else None)
-    assert snap.inbound_tls == InboundTls(MtlsMode[mode], ROOTS if tls else ())
+    assert snap.inbound_tls == InboundTls(MtlsMode[mode], ROOTS if tls else (), explicit=True)
     # no AuthorizationPolicy: everyone, even a plaintext caller
     assert snap.authorizer.allows_everything
     assert snap.authorizer.check(None, "/shop.Cart/Get").allowed
